@@ -1,0 +1,424 @@
+"""Command-line flags and the typed configuration they become.
+
+This is the only module that sees the argparse namespace or reads environment variables. Every flag of
+the original `hyvideo/config.py` is accepted with the same name, type, default and choices, so the
+original's example commands run unchanged; the differences are listed in README.md ("Flag reference")
+and marked `# Differs:` below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from hyvideo.constants import (
+    HUNYUAN_VIDEO_CONFIG,
+    PRECISIONS,
+    PROMPT_TEMPLATE,
+    TEXT_ENCODERS,
+    VAE_LATENT_CHANNELS,
+    VAE_TYPES,
+    DiTConfig,
+)
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "vanilla")
+# Flags the original parses but never reads. We accept them so old commands keep working.
+NO_EFFECT_FLAGS = (
+    "model_resolution",
+    "use_linear_quadratic_schedule",
+    "linear_schedule_end",
+    "seed_type",
+    "name_suffix",
+    "reproduce",
+)
+DIT_SUBDIR = "hunyuan-video-t2v-720p"
+DIT_FILE = "mp_rank_00_model_states.pt"
+DIT_FP8_FILE = "mp_rank_00_model_states_fp8.pt"
+
+# --------------------------------------------------------------------------------------------------
+# Typed configuration
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What is loaded, from where, and in which precision."""
+
+    model: str
+    dit: DiTConfig
+    precision: str
+    model_base: Path
+    dit_weight: Path | None  # None: the official file under model_base
+    load_key: str
+    use_fp8: bool
+    attn_backend: str
+    vae: str
+    vae_precision: str
+    vae_tiling: bool
+    text_encoder: str
+    text_encoder_precision: str
+    text_len: int
+    tokenizer: str
+    prompt_template: str
+    prompt_template_video: str
+    hidden_state_skip_layer: int
+    apply_final_norm: bool
+    text_encoder_2: str
+    text_encoder_precision_2: str
+    tokenizer_2: str
+    text_len_2: int
+
+    @property
+    def dit_weight_path(self) -> Path:
+        if self.dit_weight is not None:
+            return self.dit_weight
+        name = DIT_FP8_FILE if self.use_fp8 else DIT_FILE
+        return self.model_base / DIT_SUBDIR / "transformers" / name
+
+    @property
+    def vae_path(self) -> Path:
+        return self.model_base / DIT_SUBDIR / "vae"
+
+    @property
+    def text_encoder_path(self) -> Path:
+        return self.model_base / "text_encoder"
+
+    @property
+    def text_encoder_2_path(self) -> Path:
+        return self.model_base / "text_encoder_2"
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """What to generate and how to denoise it."""
+
+    prompts: tuple[str, ...]
+    neg_prompt: str | None
+    height: int
+    width: int
+    video_length: int
+    infer_steps: int
+    seed: int | None
+    cfg_scale: float
+    embedded_cfg_scale: float
+    flow_shift: float
+    flow_reverse: bool
+    flow_solver: str
+    denoise_type: str
+    num_videos: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where outputs go and how the work is spread over devices."""
+
+    save_path: Path
+    disable_autocast: bool
+    use_cpu_offload: bool
+    ulysses_degree: int
+    ring_degree: int
+    crf: int
+    save_latents: bool
+    decode_latents: Path | None
+
+    @property
+    def sequence_parallel_degree(self) -> int:
+        return self.ulysses_degree * self.ring_degree
+
+
+@dataclass(frozen=True)
+class Configs:
+    model: ModelConfig
+    sampling: SamplingConfig
+    runtime: RuntimeConfig
+
+
+# --------------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------------
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports a bad value in one line (flag + reason) and exits with status 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_network_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("HunyuanVideo network args")
+    group.add_argument("--model", type=str, default="HYVideo-T/2-cfgdistill",
+                       choices=list(HUNYUAN_VIDEO_CONFIG),
+                       help="DiT architecture; the released weights need HYVideo-T/2-cfgdistill.")
+    # Differs: the original declares type=str, which breaks its own sanity check when passed.
+    group.add_argument("--latent-channels", type=int, default=16,
+                       help="DiT input/output channels; must equal the VAE's latent channels (16).")
+    group.add_argument("--precision", type=str, default="bf16", choices=PRECISIONS,
+                       help="DiT weight dtype and the denoising autocast dtype.")
+    group.add_argument("--rope-theta", type=int, default=256, help="RoPE base frequency.")
+
+
+def _add_extra_models_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Extra models args, including vae, text encoders and tokenizers")
+    group.add_argument("--vae", type=str, default="884-16c-hy", choices=VAE_TYPES,
+                       help="VAE type: 884 = 4x time, 8x8 space; 16c = 16 latent channels.")
+    group.add_argument("--vae-precision", type=str, default="fp16", choices=PRECISIONS,
+                       help="VAE weight dtype and decoding autocast dtype.")
+    # Differs: the original is store_true with default True, so tiling cannot be turned off.
+    group.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=True,
+                       help="Decode the video in overlapping tiles (default on; --no-vae-tiling needs far "
+                            "more memory).")
+    group.add_argument("--text-encoder", type=str, default="llm", choices=TEXT_ENCODERS,
+                       help="Primary text encoder (only llm is supported).")
+    group.add_argument("--text-encoder-precision", type=str, default="fp16", choices=PRECISIONS,
+                       help="Primary text encoder dtype.")
+    group.add_argument("--text-states-dim", type=int, default=4096,
+                       help="Hidden size of the primary text encoder (DiT txt_in input).")
+    group.add_argument("--text-len", type=int, default=256,
+                       help="LLM tokens kept after the prompt-template crop.")
+    group.add_argument("--tokenizer", type=str, default="llm", choices=TEXT_ENCODERS,
+                       help="Tokenizer of the primary text encoder.")
+    group.add_argument("--prompt-template", type=str, default="dit-llm-encode",
+                       choices=list(PROMPT_TEMPLATE), help="Template for 1-frame (image) output.")
+    group.add_argument("--prompt-template-video", type=str, default="dit-llm-encode-video",
+                       choices=list(PROMPT_TEMPLATE), help="Template for video output.")
+    group.add_argument("--hidden-state-skip-layer", type=int, default=2,
+                       help="Use the LLM hidden state this many layers before the last.")
+    group.add_argument("--apply-final-norm", action="store_true",
+                       help="Apply the LLM's final norm to the selected hidden state.")
+    group.add_argument("--text-encoder-2", type=str, default="clipL", choices=TEXT_ENCODERS,
+                       help="Secondary (pooled) text encoder (only clipL is supported).")
+    group.add_argument("--text-encoder-precision-2", type=str, default="fp16", choices=PRECISIONS,
+                       help="Secondary text encoder dtype.")
+    group.add_argument("--text-states-dim-2", type=int, default=768,
+                       help="Pooled size of the secondary text encoder (DiT vector_in input).")
+    group.add_argument("--tokenizer-2", type=str, default="clipL", choices=TEXT_ENCODERS,
+                       help="Tokenizer of the secondary text encoder.")
+    group.add_argument("--text-len-2", type=int, default=77, help="CLIP max tokens.")
+
+
+def _add_denoise_schedule_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Denoise schedule args")
+    group.add_argument("--denoise-type", type=str, default="flow", choices=["flow"],
+                       help="Only flow matching is supported.")
+    group.add_argument("--flow-shift", type=float, default=7.0, help="Time shift of the flow schedule.")
+    # Differs: on by default. The original defaults to off, which samples in the wrong direction and
+    # yields noise unless every command remembers --flow-reverse.
+    group.add_argument("--flow-reverse", action=argparse.BooleanOptionalAction, default=True,
+                       help="Sample from t=1 to t=0 (default on; --no-flow-reverse restores the "
+                            "original's default, which produces noise with the released weights).")
+    group.add_argument("--flow-solver", type=str, default="euler", choices=["euler"],
+                       help="ODE solver; only euler is supported.")
+    group.add_argument("--use-linear-quadratic-schedule", action="store_true",
+                       help="No effect (parsed but never read by the original).")
+    group.add_argument("--linear-schedule-end", type=int, default=25,
+                       help="No effect (parsed but never read by the original).")
+
+
+def _add_inference_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Inference args")
+    # Differs: moves every component, not only the DiT; MODEL_BASE is honoured as its default.
+    group.add_argument("--model-base", type=str, default=os.environ.get("MODEL_BASE", "ckpts"),
+                       help="Checkpoint root holding hunyuan-video-t2v-720p/, text_encoder/, "
+                            "text_encoder_2/ (default: $MODEL_BASE or ckpts).")
+    # Differs: default None = <model-base>/hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt
+    # (or ..._fp8.pt with --use-fp8), so --model-base relocates the DiT too.
+    group.add_argument("--dit-weight", type=str, default=None,
+                       help="DiT weights file or folder (default: the official file under --model-base).")
+    group.add_argument("--model-resolution", type=str, default="540p", choices=["540p", "720p"],
+                       help="No effect (one checkpoint serves both).")
+    group.add_argument("--load-key", type=str, default="module", choices=["module", "ema"],
+                       help="Which weights of the DiT checkpoint dict to load.")
+    group.add_argument("--use-cpu-offload", action="store_true",
+                       help="Keep models on the CPU until they are needed.")
+    group.add_argument("--batch-size", type=int, default=1, help="Number of seed groups per prompt.")
+    group.add_argument("--infer-steps", type=int, default=50, help="Number of denoising steps.")
+    group.add_argument("--disable-autocast", action="store_true",
+                       help="Run without autocast (weights and activations in their stored dtypes).")
+    group.add_argument("--save-path", type=str, default="./results", help="Output directory.")
+    group.add_argument("--save-path-suffix", type=str, default="",
+                       help="If set, outputs go to <save-path>_<suffix>.")
+    group.add_argument("--name-suffix", type=str, default="",
+                       help="No effect (parsed but never read by the original).")
+    group.add_argument("--num-videos", type=int, default=1, help="Videos per prompt (seeds seed, seed+1, ...).")
+    # Differs: one value means a square video (the original crashes on one value).
+    group.add_argument("--video-size", type=int, nargs="+", default=(720, 1280),
+                       help="Video size: height width (one value: square). Rounded up to multiples of 16.")
+    group.add_argument("--video-length", type=int, default=129, help="Frames: 1 or 4k+1.")
+    group.add_argument("--prompt", type=str, default=None, help="Prompt for sampling.")
+    group.add_argument("--seed-type", type=str, default="auto", choices=["file", "random", "fixed", "auto"],
+                       help="No effect (parsed but never read by the original).")
+    group.add_argument("--seed", type=int, default=None,
+                       help="Seed of the first video (default: drawn once, logged and saved).")
+    group.add_argument("--neg-prompt", type=str, default=None,
+                       help="Negative prompt for --cfg-scale > 1 (default: the original's).")
+    group.add_argument("--cfg-scale", type=float, default=1.0,
+                       help="Classifier-free guidance scale; > 1 runs a negative-prompt branch.")
+    group.add_argument("--embedded-cfg-scale", type=float, default=6.0,
+                       help="Distilled guidance strength fed to the DiT.")
+    group.add_argument("--use-fp8", action="store_true",
+                       help="Load the fp8 DiT weights (*_fp8.pt with its *_fp8_map.pt).")
+    group.add_argument("--reproduce", action="store_true",
+                       help="No effect (the original only set an unused flag).")
+    # Ours.
+    group.add_argument("--prompt-file", type=str, default=None,
+                       help="Text file with one prompt per line; models are loaded once for all.")
+    group.add_argument("--attn-backend", type=str, default="auto", choices=ATTENTION_BACKENDS,
+                       help="Attention kernel: flash (GPU, flash-attn), sdpa, vanilla (reference).")
+    group.add_argument("--crf", type=int, default=17,
+                       help="H.264 quality (0 = lossless, 17 ~ visually lossless, 23 = ffmpeg default).")
+    group.add_argument("--save-latents", action="store_true",
+                       help="Also save the final latents (.safetensors) to decode again later.")
+    group.add_argument("--decode-latents", type=str, default=None,
+                       help="Decode a saved latents file to mp4 instead of sampling.")
+
+
+def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Parallel args")
+    group.add_argument("--ulysses-degree", type=int, default=1, help="Ulysses sequence-parallel degree.")
+    # Differs: the original's help text says "Ulysses degree".
+    group.add_argument("--ring-degree", type=int, default=1, help="Ring-attention sequence-parallel degree.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineErrorParser(description="HunyuanVideo inference script")
+    _add_network_args(parser)
+    _add_extra_models_args(parser)
+    _add_denoise_schedule_args(parser)
+    _add_inference_args(parser)
+    _add_parallel_args(parser)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation and conversion
+# --------------------------------------------------------------------------------------------------
+
+
+def validation_errors(args: argparse.Namespace) -> list[str]:
+    """Every problem with the parsed flags, as one-line messages naming the flag."""
+    errors = []
+    size = args.video_size
+    if len(size) not in (1, 2):
+        errors.append(f"--video-size takes 1 or 2 values (height width), got {len(size)}")
+    elif min(size) <= 0:
+        errors.append(f"--video-size must be positive, got {' '.join(map(str, size))}")
+    if args.video_length < 1 or (args.video_length - 1) % 4 != 0:
+        errors.append(f"--video-length must be 1 or 4k+1 (e.g. 65, 129), got {args.video_length}")
+    positive = ("infer_steps", "num_videos", "batch_size", "ulysses_degree", "ring_degree", "text_len",
+                "text_len_2", "rope_theta", "text_states_dim", "text_states_dim_2")
+    for name in positive:
+        if getattr(args, name) < 1:
+            errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.flow_shift <= 0:
+        errors.append(f"--flow-shift must be > 0, got {args.flow_shift}")
+    if args.hidden_state_skip_layer < 0:
+        errors.append(f"--hidden-state-skip-layer must be >= 0, got {args.hidden_state_skip_layer}")
+    if not 0 <= args.crf <= 51:
+        errors.append(f"--crf must be between 0 and 51, got {args.crf}")
+    if args.latent_channels != VAE_LATENT_CHANNELS[args.vae]:
+        errors.append(f"--latent-channels {args.latent_channels} must match the VAE's "
+                      f"{VAE_LATENT_CHANNELS[args.vae]} channels of --vae {args.vae}")
+    if args.text_encoder != "llm" or args.tokenizer != "llm":
+        errors.append("--text-encoder/--tokenizer: only 'llm' is supported as the primary encoder")
+    if args.text_encoder_2 != "clipL" or args.tokenizer_2 != "clipL":
+        errors.append("--text-encoder-2/--tokenizer-2: only 'clipL' is supported as the secondary encoder")
+    if args.prompt is not None and args.prompt_file is not None:
+        errors.append("--prompt and --prompt-file are mutually exclusive: give one")
+    if args.prompt is not None and not args.prompt.strip():
+        errors.append("--prompt is empty")
+    return errors
+
+
+def video_hw(video_size: list[int] | tuple[int, ...]) -> tuple[int, int]:
+    return (video_size[0], video_size[0]) if len(video_size) == 1 else (video_size[0], video_size[1])
+
+
+def read_prompt_file(path: str) -> tuple[str, ...]:
+    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ValueError(f"--prompt-file {path}: cannot read it ({exc.strerror})") from exc
+    prompts = tuple(s.strip() for s in lines if s.strip() and not s.strip().startswith("#"))
+    if not prompts:
+        raise ValueError(f"--prompt-file {path}: no prompts in it (one prompt per line)")
+    return prompts
+
+
+def configs_from_args(args: argparse.Namespace) -> Configs:
+    """Turn a validated namespace into the frozen configs the library uses."""
+    dit = HUNYUAN_VIDEO_CONFIG[args.model].with_updates(
+        in_channels=args.latent_channels, out_channels=args.latent_channels,
+        rope_theta=float(args.rope_theta), text_states_dim=args.text_states_dim,
+        text_states_dim_2=args.text_states_dim_2,
+    )
+    model = ModelConfig(
+        model=args.model, dit=dit, precision=args.precision, model_base=Path(args.model_base),
+        dit_weight=Path(args.dit_weight) if args.dit_weight else None, load_key=args.load_key,
+        use_fp8=args.use_fp8, attn_backend=args.attn_backend, vae=args.vae,
+        vae_precision=args.vae_precision, vae_tiling=args.vae_tiling, text_encoder=args.text_encoder,
+        text_encoder_precision=args.text_encoder_precision, text_len=args.text_len,
+        tokenizer=args.tokenizer, prompt_template=args.prompt_template,
+        prompt_template_video=args.prompt_template_video,
+        hidden_state_skip_layer=args.hidden_state_skip_layer, apply_final_norm=args.apply_final_norm,
+        text_encoder_2=args.text_encoder_2, text_encoder_precision_2=args.text_encoder_precision_2,
+        tokenizer_2=args.tokenizer_2, text_len_2=args.text_len_2,
+    )
+    if args.prompt_file is not None:
+        prompts = read_prompt_file(args.prompt_file)
+    else:
+        prompts = (args.prompt.strip(),) if args.prompt is not None else ()
+    height, width = video_hw(args.video_size)
+    sampling = SamplingConfig(
+        prompts=prompts, neg_prompt=args.neg_prompt, height=height, width=width,
+        video_length=args.video_length, infer_steps=args.infer_steps, seed=args.seed,
+        cfg_scale=args.cfg_scale, embedded_cfg_scale=args.embedded_cfg_scale, flow_shift=args.flow_shift,
+        flow_reverse=args.flow_reverse, flow_solver=args.flow_solver, denoise_type=args.denoise_type,
+        num_videos=args.num_videos, batch_size=args.batch_size,
+    )
+    save_path = f"{args.save_path}_{args.save_path_suffix}" if args.save_path_suffix else args.save_path
+    runtime = RuntimeConfig(
+        save_path=Path(save_path), disable_autocast=args.disable_autocast,
+        use_cpu_offload=args.use_cpu_offload, ulysses_degree=args.ulysses_degree,
+        ring_degree=args.ring_degree, crf=args.crf, save_latents=args.save_latents,
+        decode_latents=Path(args.decode_latents) if args.decode_latents else None,
+    )
+    return Configs(model=model, sampling=sampling, runtime=runtime)
+
+
+def announce_adjustments(args: argparse.Namespace) -> None:
+    """Log what the original changes silently: sizes rounded to 16, flags that have no effect."""
+    height, width = video_hw(args.video_size)
+    if height % 16 or width % 16:
+        aligned = (-(-height // 16) * 16, -(-width // 16) * 16)
+        logger.warning("--video-size %dx%d is not a multiple of 16; it will be rounded up to %dx%d",
+                       height, width, *aligned)
+    defaults = build_parser().parse_args([])
+    for name in NO_EFFECT_FLAGS:
+        if getattr(args, name) != getattr(defaults, name):
+            logger.warning("--%s has no effect (kept for compatibility with the original)",
+                           name.replace("_", "-"))
+
+
+def parse_args(argv: list[str] | None = None, *, require_prompt: bool = False) -> Configs:
+    """Parse and validate the command line; bad values exit with status 2 and a one-line message."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    errors = validation_errors(args)
+    if require_prompt and args.prompt is None and args.prompt_file is None and args.decode_latents is None:
+        errors.append("--prompt (or --prompt-file) is required")
+    if errors:
+        parser.error("; ".join(errors))
+    announce_adjustments(args)
+    try:
+        return configs_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    raise AssertionError("unreachable")  # parser.error exits
