@@ -17,21 +17,56 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The original parser, flag by flag (official_spec.md §2.1-2.5): flag -> documented default.
 ORIGINAL_FLAGS = {
-    "--model": "HYVideo-T/2-cfgdistill", "--latent-channels": 16, "--precision": "bf16",
-    "--rope-theta": 256, "--vae": "884-16c-hy", "--vae-precision": "fp16", "--vae-tiling": True,
-    "--text-encoder": "llm", "--text-encoder-precision": "fp16", "--text-states-dim": 4096,
-    "--text-len": 256, "--tokenizer": "llm", "--prompt-template": "dit-llm-encode",
-    "--prompt-template-video": "dit-llm-encode-video", "--hidden-state-skip-layer": 2,
-    "--apply-final-norm": False, "--text-encoder-2": "clipL", "--text-encoder-precision-2": "fp16",
-    "--text-states-dim-2": 768, "--tokenizer-2": "clipL", "--text-len-2": 77, "--denoise-type": "flow",
-    "--flow-shift": 7.0, "--flow-reverse": False, "--flow-solver": "euler",
-    "--use-linear-quadratic-schedule": False, "--linear-schedule-end": 25, "--model-base": "ckpts",
+    "--model": "HYVideo-T/2-cfgdistill",
+    "--latent-channels": 16,
+    "--precision": "bf16",
+    "--rope-theta": 256,
+    "--vae": "884-16c-hy",
+    "--vae-precision": "fp16",
+    "--vae-tiling": True,
+    "--text-encoder": "llm",
+    "--text-encoder-precision": "fp16",
+    "--text-states-dim": 4096,
+    "--text-len": 256,
+    "--tokenizer": "llm",
+    "--prompt-template": "dit-llm-encode",
+    "--prompt-template-video": "dit-llm-encode-video",
+    "--hidden-state-skip-layer": 2,
+    "--apply-final-norm": False,
+    "--text-encoder-2": "clipL",
+    "--text-encoder-precision-2": "fp16",
+    "--text-states-dim-2": 768,
+    "--tokenizer-2": "clipL",
+    "--text-len-2": 77,
+    "--denoise-type": "flow",
+    "--flow-shift": 7.0,
+    "--flow-reverse": False,
+    "--flow-solver": "euler",
+    "--use-linear-quadratic-schedule": False,
+    "--linear-schedule-end": 25,
+    "--model-base": "ckpts",
     "--dit-weight": "ckpts/hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt",
-    "--model-resolution": "540p", "--load-key": "module", "--use-cpu-offload": False, "--batch-size": 1,
-    "--infer-steps": 50, "--disable-autocast": False, "--save-path": "./results", "--save-path-suffix": "",
-    "--name-suffix": "", "--num-videos": 1, "--video-size": (720, 1280), "--video-length": 129,
-    "--prompt": None, "--seed-type": "auto", "--seed": None, "--neg-prompt": None, "--cfg-scale": 1.0,
-    "--embedded-cfg-scale": 6.0, "--use-fp8": False, "--reproduce": False, "--ulysses-degree": 1,
+    "--model-resolution": "540p",
+    "--load-key": "module",
+    "--use-cpu-offload": False,
+    "--batch-size": 1,
+    "--infer-steps": 50,
+    "--disable-autocast": False,
+    "--save-path": "./results",
+    "--save-path-suffix": "",
+    "--name-suffix": "",
+    "--num-videos": 1,
+    "--video-size": (720, 1280),
+    "--video-length": 129,
+    "--prompt": None,
+    "--seed-type": "auto",
+    "--seed": None,
+    "--neg-prompt": None,
+    "--cfg-scale": 1.0,
+    "--embedded-cfg-scale": 6.0,
+    "--use-fp8": False,
+    "--reproduce": False,
+    "--ulysses-degree": 1,
     "--ring-degree": 1,
 }
 # Defaults we change on purpose (README "Flag reference" explains each).
@@ -65,8 +100,9 @@ def test_every_original_flag_parses_to_its_default():
 
 
 def test_help_lists_every_original_flag():
-    out = subprocess.run([sys.executable, "sample_video.py", "--help"], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "sample_video.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     for flag in ORIGINAL_FLAGS:
         assert flag in out.stdout, flag
@@ -75,9 +111,11 @@ def test_help_lists_every_original_flag():
 
 def test_original_example_command_parses():
     # scripts/run_sample_video.sh of the original, verbatim flags.
-    argv = ("--video-size 720 1280 --video-length 129 --infer-steps 50 --prompt A_cat --seed 42 "
-            "--embedded-cfg-scale 6.0 --flow-shift 7.0 --flow-reverse --use-cpu-offload "
-            "--save-path ./results").split()
+    argv = (
+        "--video-size 720 1280 --video-length 129 --infer-steps 50 --prompt A_cat --seed 42 "
+        "--embedded-cfg-scale 6.0 --flow-shift 7.0 --flow-reverse --use-cpu-offload "
+        "--save-path ./results"
+    ).split()
     cfg = config.parse_args(argv)
     assert cfg.sampling.flow_reverse and cfg.sampling.seed == 42 and cfg.runtime.use_cpu_offload
     assert (cfg.sampling.height, cfg.sampling.width) == (720, 1280)
@@ -139,7 +177,8 @@ def test_model_base_moves_every_component():
     for path in (cfg.dit_weight_path, cfg.vae_path, cfg.text_encoder_path, cfg.text_encoder_2_path):
         assert str(path).startswith("/weights/")
     assert config.parse_args(["--model-base", "/w", "--use-fp8"]).model.dit_weight_path.name.endswith(
-        "_fp8.pt")
+        "_fp8.pt"
+    )
     assert config.parse_args(["--dit-weight", "/x/dit.pt"]).model.dit_weight_path == Path("/x/dit.pt")
 
 
@@ -157,7 +196,10 @@ def test_presets_and_overrides():
 def test_prompt_file_reads_nonblank_lines(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("first prompt\n\n  second prompt  \n# skipped\n", encoding="utf-8")
-    assert config.parse_args(["--prompt-file", str(path)]).sampling.prompts == ("first prompt", "second prompt")
+    assert config.parse_args(["--prompt-file", str(path)]).sampling.prompts == (
+        "first prompt",
+        "second prompt",
+    )
 
 
 BAD_VALUES = [
@@ -211,7 +253,12 @@ def test_no_effect_flag_is_announced(caplog):
 
 
 def test_cli_bad_value_exits_2():
-    out = subprocess.run([sys.executable, "sample_video.py", "--video-length", "12"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "sample_video.py", "--video-length", "12"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "--video-length" in out.stderr

@@ -55,7 +55,11 @@ def _torchrun(nproc: int, script: Path, *args: str) -> tuple[subprocess.Complete
     start = time.monotonic()
     proc = subprocess.run(
         [*cmd, str(script), *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT_S,
     )
     return proc, time.monotonic() - start
 
@@ -200,4 +204,3 @@ def test_attention_rejects_fp8_and_bad_shapes():
         sequence_parallel_attention(*fp8, num_img_tokens=30, state=state)
     with pytest.raises(ValueError, match="txt_key_mask must be"):
         sequence_parallel_attention(q, k, v, num_img_tokens=30, txt_key_mask=txt_mask[:, :4], state=state)
-

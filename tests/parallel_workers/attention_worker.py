@@ -61,7 +61,9 @@ def reference(q, k, v, txt_mask, l_img: int) -> torch.Tensor:
     """Single-process attention: every query sees all image keys and its sample's valid text keys."""
     key_mask = torch.cat([torch.ones(BATCH, l_img, dtype=torch.bool), txt_mask], dim=1)  # (B, L)
     out = F.scaled_dot_product_attention(
-        q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
+        q.float().transpose(1, 2),
+        k.float().transpose(1, 2),
+        v.float().transpose(1, 2),
         attn_mask=key_mask[:, None, None, :],
     )
     return out.transpose(1, 2).reshape(BATCH, q.shape[1], -1)  # (B, L, H*D)
@@ -83,8 +85,11 @@ def check_attention(name: str, state: SequenceParallelState) -> dict:
         assert pad == shard.pad
         local.append(torch.cat([img_chunk, t[:, l_img:]], dim=1))
     out = sequence_parallel_attention(
-        *local, num_img_tokens=shard.local_len, img_valid_len=l_img,
-        txt_key_mask=txt_mask if l_txt else None, state=state,
+        *local,
+        num_img_tokens=shard.local_len,
+        img_valid_len=l_img,
+        txt_key_mask=txt_mask if l_txt else None,
+        state=state,
     )
     img_full = gather_tokens(out[:, : shard.local_len], 1, state, l_img)
     txt_out = out[:, shard.local_len :].contiguous()
