@@ -33,7 +33,7 @@ from hyvideo.parallel import (
     token_shard,
 )
 from hyvideo.parallel.attention import _math_attention
-from helpers import rel_err
+from tests.helpers import rel_err
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = REPO / "tests" / "parallel_workers"

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import rel_err
+from tests.helpers import rel_err
 from transformers import (
     AutoTokenizer,
     CLIPVisionConfig,

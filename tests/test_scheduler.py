@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from helpers import rel_err
+from tests.helpers import rel_err
 
 from hyvideo.diffusion import FlowMatchDiscreteScheduler
 from hyvideo.diffusion.schedulers import euler_step, flow_sigmas, shift_sigmas, timesteps_from_sigmas

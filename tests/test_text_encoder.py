@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import rel_err
+from tests.helpers import rel_err
 from transformers import (
     AutoTokenizer,
     CLIPConfig,
