@@ -15,7 +15,7 @@ from hyvideo.config import parse_args
 def main(argv: list[str] | None = None) -> int:
     configs = parse_args(argv, require_prompt=True)
     # Heavy imports only after the flags are known to be valid, so --help and bad flags answer at once.
-    from hyvideo.inference import run_cli
+    from hyvideo.runner import run_cli
 
     return run_cli(configs)
 

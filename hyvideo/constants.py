@@ -6,7 +6,7 @@ side effects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -128,6 +128,18 @@ class DiTConfig:
 
     def with_updates(self, **changes) -> DiTConfig:
         return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DiTConfig:
+        """Build from a JSON-style dict; unknown keys are an error (a typo must not be ignored)."""
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown DiT config keys: {sorted(unknown)}")
+        tuples = {k: tuple(v) for k, v in values.items() if isinstance(v, list)}
+        return cls(**{**values, **tuples})
 
 
 HUNYUAN_VIDEO_CONFIG: dict[str, DiTConfig] = {

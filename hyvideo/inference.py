@@ -1,0 +1,196 @@
+"""Load the four HunyuanVideo components and sample videos with them.
+
+`Inference.from_pretrained` loads the DiT, the causal 3D VAE and both text encoders from the official
+checkpoint layout; `HunyuanVideoSampler.predict` turns one prompt into videos with the original's
+semantics (seeds, size alignment, negative prompt), fixing what crashed there (several videos per prompt).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hyvideo.config import Configs, ModelConfig
+from hyvideo.constants import PRECISION_TO_TYPE, PROMPT_TEMPLATE, DiTConfig
+from hyvideo.diffusion import FlowMatchDiscreteScheduler
+from hyvideo.diffusion.pipelines import HunyuanVideoPipeline
+from hyvideo.utils.data_utils import align_to
+
+logger = logging.getLogger(__name__)
+
+CKPTS_HELP = "see ckpts/README.md for the expected tree and how to download the weights"
+DIT_CONFIG_FILE = "dit_config.json"  # optional, beside the DiT weights: overrides the --model preset
+MAX_RANDOM_SEED = 1_000_000
+
+
+def default_device() -> torch.device:
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    return accelerator if accelerator is not None else torch.device("cpu")
+
+
+def require_path(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found at {path}: {CKPTS_HELP}")
+    return path
+
+
+def resolve_dit_config(preset: DiTConfig, weight_path: Path) -> DiTConfig:
+    """The --model preset, unless a `dit_config.json` beside the weights describes another architecture."""
+    folder = weight_path if weight_path.is_dir() else weight_path.parent
+    config_file = folder / DIT_CONFIG_FILE
+    if not config_file.is_file():
+        return preset
+    values = json.loads(config_file.read_text(encoding="utf-8"))
+    logger.info("DiT architecture from %s", config_file)
+    return DiTConfig.from_dict(values)
+
+
+def draw_seed() -> int:
+    seed = random.randint(0, MAX_RANDOM_SEED)
+    logger.info("No --seed given: drew seed %d", seed)
+    return seed
+
+
+@dataclass
+class PredictOutput:
+    samples: torch.Tensor | None  # (N, 3, T, H, W) float32 in [0, 1]
+    latents: torch.Tensor  # (N, C, T', H/8, W/8) float32
+    seeds: list[int]
+    prompt: str
+    negative_prompt: str
+    size: tuple[int, int, int]  # (height, width, frames) actually generated
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Inference:
+    """Holds the loaded components; `from_pretrained` builds them from a checkpoint tree."""
+
+    def __init__(self, *, transformer, vae, text_encoder, text_encoder_2, model_config: ModelConfig,
+                 device: torch.device):
+        self.transformer, self.vae = transformer, vae
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        self.model_config, self.device = model_config, device
+
+    @classmethod
+    def from_pretrained(cls, configs: Configs, *, device: torch.device | None = None, **kwargs):
+        """Load every component from `configs.model.model_base` (or the paths it overrides)."""
+        cfg = configs.model
+        device = device or default_device()
+        logger.info("Loading models from %s onto %s", cfg.model_base, device)
+        require_path(cfg.model_base, "checkpoint root (--model-base)")
+        started = time.perf_counter()
+        components = {
+            "transformer": load_transformer(cfg, device),
+            "vae": load_vae_component(cfg, device),
+            **load_text_encoders(cfg, device),
+        }
+        logger.info("Models loaded in %.1f s", time.perf_counter() - started)
+        return cls(**components, model_config=cfg, device=device, **kwargs)
+
+
+def load_transformer(cfg: ModelConfig, device: torch.device):
+    from hyvideo.modules import load_dit
+    from hyvideo.modules.fp8_optimization import load_fp8_dit
+
+    path = require_path(cfg.dit_weight_path, "DiT weights (--dit-weight)")
+    dit_config = resolve_dit_config(cfg.dit, path)
+    loader = load_fp8_dit if cfg.use_fp8 else load_dit
+    return loader(dit_config, path, load_key=cfg.load_key, dtype=PRECISION_TO_TYPE[cfg.precision],
+                  device=device, attention_backend=cfg.attn_backend)
+
+
+def load_vae_component(cfg: ModelConfig, device: torch.device):
+    from hyvideo.vae import load_vae
+
+    path = require_path(cfg.vae_path, "VAE folder")
+    return load_vae(path, dtype=PRECISION_TO_TYPE[cfg.vae_precision], device=device)
+
+
+def load_text_encoders(cfg: ModelConfig, device: torch.device) -> dict:
+    from hyvideo.text_encoder import CLIPTextEncoder, TextEncoder
+
+    llm = TextEncoder.from_pretrained(
+        require_path(cfg.text_encoder_path, "LLM text encoder folder"),
+        dtype=PRECISION_TO_TYPE[cfg.text_encoder_precision], device=device, text_len=cfg.text_len,
+        prompt_template=PROMPT_TEMPLATE[cfg.prompt_template],
+        prompt_template_video=PROMPT_TEMPLATE[cfg.prompt_template_video],
+        hidden_state_skip_layer=cfg.hidden_state_skip_layer, apply_final_norm=cfg.apply_final_norm,
+    )
+    clip = CLIPTextEncoder.from_pretrained(
+        require_path(cfg.text_encoder_2_path, "CLIP text encoder folder"),
+        dtype=PRECISION_TO_TYPE[cfg.text_encoder_precision_2], device=device, max_length=cfg.text_len_2,
+    )
+    return {"text_encoder": llm, "text_encoder_2": clip}
+
+
+class HunyuanVideoSampler(Inference):
+    """Text-to-video sampling with the original's `predict` semantics."""
+
+    def __init__(self, *, use_autocast: bool = True, **components):
+        super().__init__(**components)
+        cfg = self.model_config
+        self.pipeline = HunyuanVideoPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+            transformer=self.transformer, scheduler=FlowMatchDiscreteScheduler(),
+            dit_dtype=PRECISION_TO_TYPE[cfg.precision], vae_dtype=PRECISION_TO_TYPE[cfg.vae_precision],
+            use_autocast=use_autocast,
+        )
+
+    def predict(
+        self,
+        prompt: str,
+        *,
+        height: int = 720,
+        width: int = 1280,
+        video_length: int = 129,
+        seed: int | None = None,
+        negative_prompt: str | None = None,
+        infer_steps: int = 50,
+        guidance_scale: float = 1.0,
+        flow_shift: float = 7.0,
+        flow_reverse: bool = True,
+        embedded_guidance_scale: float | None = 6.0,
+        num_videos_per_prompt: int = 1,
+        output_type: str = "pt",
+        enable_tiling: bool = True,
+        show_progress: bool = True,
+    ) -> PredictOutput:
+        """Generate `num_videos_per_prompt` videos for one prompt; video i uses seed `seed + i`."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("the prompt is empty: give a text prompt")
+        if height <= 0 or width <= 0:
+            raise ValueError(f"video size must be positive, got {height}x{width}")
+        if video_length < 1 or (video_length - 1) % 4:
+            raise ValueError(f"video length must be 1 or 4k+1 frames, got {video_length}")
+        target_h, target_w = align_to(height, 16), align_to(width, 16)
+        if (target_h, target_w) != (height, width):
+            logger.warning("Size %dx%d rounded up to %dx%d (multiples of 16)", height, width, target_h, target_w)
+        base_seed = draw_seed() if seed is None else seed
+        seeds = [base_seed + i for i in range(num_videos_per_prompt)]
+        generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        # Parity: no negative prompt without CFG; the original's default negative prompt with CFG.
+        negative = (negative_prompt or None) if guidance_scale > 1.0 else None
+        self.pipeline.scheduler = FlowMatchDiscreteScheduler(shift=flow_shift, reverse=flow_reverse)
+        logger.info("Sampling %d video(s) of %dx%dx%d, %d steps, seeds %s", len(seeds), target_h, target_w,
+                    video_length, infer_steps, seeds)
+        started = time.perf_counter()
+        out = self.pipeline(
+            prompt.strip(), height=target_h, width=target_w, video_length=video_length,
+            num_inference_steps=infer_steps, guidance_scale=guidance_scale, negative_prompt=negative,
+            embedded_guidance_scale=embedded_guidance_scale, num_videos_per_prompt=len(seeds),
+            generator=generators, data_type="video" if video_length > 1 else "image",
+            output_type=output_type, enable_tiling=enable_tiling, show_progress=show_progress,
+        )
+        elapsed = time.perf_counter() - started
+        logger.info("Success, time: %.1f s", elapsed)
+        return PredictOutput(
+            samples=out.videos, latents=out.latents, seeds=seeds, prompt=prompt.strip(),
+            negative_prompt=self.pipeline.resolve_negative_prompt(negative) if guidance_scale > 1 else "",
+            size=(target_h, target_w, video_length), timings={**out.timings, "total_s": elapsed},
+        )
