@@ -126,10 +126,19 @@ class RuntimeConfig:
     crf: int
     save_latents: bool
     decode_latents: Path | None
+    # This process's place in a torchrun launch (RANK, WORLD_SIZE, LOCAL_RANK); 0, 1, 0 without torchrun.
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
 
     @property
     def sequence_parallel_degree(self) -> int:
         return self.ulysses_degree * self.ring_degree
+
+    @property
+    def is_main_process(self) -> bool:
+        """The process that logs INFO, shows progress bars and writes files (global rank 0)."""
+        return self.rank == 0
 
 
 @dataclass(frozen=True)
@@ -140,15 +149,80 @@ class Configs:
 
 
 # --------------------------------------------------------------------------------------------------
+# Launch environment (torchrun)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What torchrun tells each process through the environment; one process without torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def under_launcher(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def reports_errors(self) -> bool:
+        """Whether this process prints errors that every process detects identically: one per node."""
+        return self.local_rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer (set by torchrun)") from exc
+
+
+def launch_env() -> LaunchEnv:
+    """RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them (each process of a launch gets its own)."""
+    return LaunchEnv(
+        rank=_env_int("RANK", 0), world_size=_env_int("WORLD_SIZE", 1), local_rank=_env_int("LOCAL_RANK", 0)
+    )
+
+
+def parallel_layout_errors(ulysses_degree: int, ring_degree: int, env: LaunchEnv) -> list[str]:
+    """Problems with --ulysses-degree x --ring-degree against the number of launched processes."""
+    degree = ulysses_degree * ring_degree
+    if degree == env.world_size or min(ulysses_degree, ring_degree) < 1:
+        return []
+    if not env.under_launcher:
+        return [f"--ulysses-degree {ulysses_degree} x --ring-degree {ring_degree} = {degree} needs {degree} "
+                f"processes: launch with torchrun --nproc_per_node={degree} sample_video.py ..."]
+    return [f"--ulysses-degree {ulysses_degree} x --ring-degree {ring_degree} = {degree}, but torchrun "
+            f"launched {env.world_size} processes: choose degrees whose product is {env.world_size} (e.g. "
+            f"--ulysses-degree {env.world_size} --ring-degree 1, or --ring-degree {env.world_size} for any "
+            f"head count) or launch with --nproc_per_node={degree}"]
+
+
+# --------------------------------------------------------------------------------------------------
 # Parser
 # --------------------------------------------------------------------------------------------------
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
-    """argparse that reports a bad value in one line (flag + reason) and exits with status 2."""
+    """argparse that reports a bad value in one line (flag + reason) and exits with status 2.
+
+    Under torchrun every process detects the same error; only local rank 0 prints it, so a node shows
+    the message once (the other processes exit with status 2 silently).
+    """
 
     def error(self, message: str):  # noqa: D401 - argparse API
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if _reports_errors() else None)
+
+
+def _reports_errors() -> bool:
+    try:
+        return launch_env().reports_errors
+    except ValueError:  # a malformed LOCAL_RANK: better every process than none
+        return True
 
 
 def _add_network_args(parser: argparse.ArgumentParser) -> None:
@@ -333,6 +407,10 @@ def validation_errors(args: argparse.Namespace) -> list[str]:
         errors.append("--prompt and --prompt-file are mutually exclusive: give one")
     if args.prompt is not None and not args.prompt.strip():
         errors.append("--prompt is empty")
+    try:
+        errors += parallel_layout_errors(args.ulysses_degree, args.ring_degree, launch_env())
+    except ValueError as exc:
+        errors.append(str(exc))
     return errors
 
 
@@ -384,11 +462,13 @@ def configs_from_args(args: argparse.Namespace) -> Configs:
         num_videos=args.num_videos, batch_size=args.batch_size,
     )
     save_path = f"{args.save_path}_{args.save_path_suffix}" if args.save_path_suffix else args.save_path
+    env = launch_env()
     runtime = RuntimeConfig(
         save_path=Path(save_path), disable_autocast=args.disable_autocast,
         use_cpu_offload=args.use_cpu_offload, ulysses_degree=args.ulysses_degree,
         ring_degree=args.ring_degree, crf=args.crf, save_latents=args.save_latents,
         decode_latents=Path(args.decode_latents) if args.decode_latents else None,
+        rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
     )
     return Configs(model=model, sampling=sampling, runtime=runtime)
 
@@ -416,7 +496,8 @@ def parse_args(argv: list[str] | None = None, *, require_prompt: bool = False) -
         errors.append("--prompt (or --prompt-file) is required")
     if errors:
         parser.error("; ".join(errors))
-    announce_adjustments(args)
+    if _reports_errors():  # once per node under torchrun
+        announce_adjustments(args)
     try:
         return configs_from_args(args)
     except ValueError as exc:

@@ -3,6 +3,11 @@
 `Inference.from_pretrained` loads the DiT, the causal 3D VAE and both text encoders from the official
 checkpoint layout; `HunyuanVideoSampler.predict` turns one prompt into videos with the original's
 semantics (seeds, size alignment, negative prompt), fixing what crashed there (several videos per prompt).
+
+Under torchrun (`--ulysses-degree U --ring-degree R`, U x R processes) every rank loads every component and
+calls `predict` with the same arguments; the components share one `SequenceParallelState` (from
+`init_parallel`), which splits the DiT's image tokens and the VAE's decode tiles over the ranks. Every rank
+returns the same videos; only the main process should save them.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from hyvideo.config import Configs, ModelConfig
+from hyvideo.config import Configs, ModelConfig, RuntimeConfig
 from hyvideo.constants import PRECISION_TO_TYPE, PROMPT_TEMPLATE, DiTConfig
 from hyvideo.diffusion import FlowMatchDiscreteScheduler
 from hyvideo.diffusion.pipelines import HunyuanVideoPipeline
+from hyvideo.parallel import SequenceParallelState, broadcast_seed, check_num_heads, init_sequence_parallel
 from hyvideo.utils.data_utils import align_to
 
 logger = logging.getLogger(__name__)
@@ -57,6 +63,44 @@ def draw_seed() -> int:
     return seed
 
 
+def agree_seed(seed: int | None, parallel: SequenceParallelState | None = None) -> int:
+    """`seed`, or a drawn one when None; under torchrun rank 0's value on every rank.
+
+    Parity: the original lets each rank draw its own seed when --seed is unset (different noise per rank,
+    a broken video); here all ranks use the seed that rank 0 drew (and logged).
+    """
+    local = draw_seed() if seed is None else seed
+    return local if parallel is None or not parallel.enabled else broadcast_seed(local, parallel)
+
+
+def init_parallel(runtime: RuntimeConfig) -> SequenceParallelState:
+    """The process group and U x R layout that `runtime` asks for (a no-op state for one process).
+
+    Device: the accelerator with index LOCAL_RANK when there is one, else the CPU (gloo).
+    """
+    return init_sequence_parallel(
+        runtime.ulysses_degree, runtime.ring_degree, rank=runtime.rank, world_size=runtime.world_size,
+        local_rank=runtime.local_rank,
+    )
+
+
+def check_parallel_layout(configs: Configs) -> None:
+    """Raise ValueError unless --ulysses-degree divides the DiT's head count (before any collective).
+
+    The head count comes from the DiT that will be loaded (its dit_config.json, else the --model preset),
+    so every rank reaches the same verdict from the same files.
+    """
+    ulysses = configs.runtime.ulysses_degree
+    if ulysses == 1:
+        return
+    cfg = configs.model
+    dit_config = resolve_dit_config(cfg.dit, require_path(cfg.dit_weight_path, "DiT weights (--dit-weight)"))
+    try:
+        check_num_heads(dit_config.heads_num, ulysses)
+    except ValueError as exc:
+        raise ValueError(f"--ulysses-degree {ulysses}: {exc}") from None
+
+
 @dataclass
 class PredictOutput:
     samples: torch.Tensor | None  # (N, 3, T, H, W) float32 in [0, 1]
@@ -72,15 +116,31 @@ class Inference:
     """Holds the loaded components; `from_pretrained` builds them from a checkpoint tree."""
 
     def __init__(self, *, transformer, vae, text_encoder, text_encoder_2, model_config: ModelConfig,
-                 device: torch.device):
+                 device: torch.device, parallel: SequenceParallelState | None = None):
         self.transformer, self.vae = transformer, vae
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.model_config, self.device = model_config, device
+        self.parallel = parallel if parallel is not None and parallel.enabled else None
+
+    @property
+    def is_main_process(self) -> bool:
+        """True on the rank that should log and save (always in a single process)."""
+        return self.parallel is None or self.parallel.is_main
 
     @classmethod
-    def from_pretrained(cls, configs: Configs, *, device: torch.device | None = None, **kwargs):
-        """Load every component from `configs.model.model_base` (or the paths it overrides)."""
+    def from_pretrained(cls, configs: Configs, *, device: torch.device | None = None,
+                        parallel: SequenceParallelState | None = None, **kwargs):
+        """Load every component from `configs.model.model_base` (or the paths it overrides).
+
+        `parallel`: the sequence-parallel state (`init_parallel(configs.runtime)`); when None and the
+        runtime asks for U x R > 1 processes, it is created here. Its device is the default device.
+        """
         cfg = configs.model
+        if parallel is None and configs.runtime.sequence_parallel_degree > 1:
+            check_parallel_layout(configs)
+            parallel = init_parallel(configs.runtime)
+        if parallel is not None and parallel.enabled:
+            device = device or parallel.device
         device = device or default_device()
         logger.info("Loading models from %s onto %s", cfg.model_base, device)
         require_path(cfg.model_base, "checkpoint root (--model-base)")
@@ -91,7 +151,7 @@ class Inference:
             **load_text_encoders(cfg, device),
         }
         logger.info("Models loaded in %.1f s", time.perf_counter() - started)
-        return cls(**components, model_config=cfg, device=device, **kwargs)
+        return cls(**components, model_config=cfg, device=device, parallel=parallel, **kwargs)
 
 
 def load_transformer(cfg: ModelConfig, device: torch.device):
@@ -135,11 +195,12 @@ class HunyuanVideoSampler(Inference):
     def __init__(self, *, use_autocast: bool = True, **components):
         super().__init__(**components)
         cfg = self.model_config
+        self.transformer.enable_sequence_parallel(self.parallel)  # checks U against the head count
         self.pipeline = HunyuanVideoPipeline(
             vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
             transformer=self.transformer, scheduler=FlowMatchDiscreteScheduler(),
             dit_dtype=PRECISION_TO_TYPE[cfg.precision], vae_dtype=PRECISION_TO_TYPE[cfg.vae_precision],
-            use_autocast=use_autocast,
+            use_autocast=use_autocast, parallel=self.parallel,
         )
 
     def predict(
@@ -161,7 +222,11 @@ class HunyuanVideoSampler(Inference):
         enable_tiling: bool = True,
         show_progress: bool = True,
     ) -> PredictOutput:
-        """Generate `num_videos_per_prompt` videos for one prompt; video i uses seed `seed + i`."""
+        """Generate `num_videos_per_prompt` videos for one prompt; video i uses seed `seed + i`.
+
+        Under sequence parallelism call it on every rank with the same arguments: the seed is rank 0's,
+        only rank 0 shows the progress bar, and every rank returns the same output.
+        """
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty: give a text prompt")
         if height <= 0 or width <= 0:
@@ -171,7 +236,7 @@ class HunyuanVideoSampler(Inference):
         target_h, target_w = align_to(height, 16), align_to(width, 16)
         if (target_h, target_w) != (height, width):
             logger.warning("Size %dx%d rounded up to %dx%d (multiples of 16)", height, width, target_h, target_w)
-        base_seed = draw_seed() if seed is None else seed
+        base_seed = agree_seed(seed, self.parallel)
         seeds = [base_seed + i for i in range(num_videos_per_prompt)]
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
         # Parity: no negative prompt without CFG; the original's default negative prompt with CFG.
@@ -185,7 +250,8 @@ class HunyuanVideoSampler(Inference):
             num_inference_steps=infer_steps, guidance_scale=guidance_scale, negative_prompt=negative,
             embedded_guidance_scale=embedded_guidance_scale, num_videos_per_prompt=len(seeds),
             generator=generators, data_type="video" if video_length > 1 else "image",
-            output_type=output_type, enable_tiling=enable_tiling, show_progress=show_progress,
+            output_type=output_type, enable_tiling=enable_tiling,
+            show_progress=show_progress and self.is_main_process,
         )
         elapsed = time.perf_counter() - started
         logger.info("Success, time: %.1f s", elapsed)

@@ -1,15 +1,23 @@
-"""What `sample_video.py` does after parsing: load once, sample every prompt, save mp4 + sidecar."""
+"""What `sample_video.py` does after parsing: load once, sample every prompt, save mp4 + sidecar.
+
+Under torchrun every rank runs all of this with the same flags: checks that every rank decides alike come
+first (no collective yet), then the process group, then loading and sampling on every rank, and saving on
+the main process only. A rank that fails exits at once (its peers' collectives then fail or torchrun stops
+them) instead of leaving the others waiting.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from hyvideo.config import Configs
+from hyvideo.config import Configs, RuntimeConfig
 from hyvideo.constants import PRECISION_TO_TYPE
 from hyvideo.utils.file_utils import (
     check_writable_dir,
@@ -31,26 +39,87 @@ USER_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError, ValueErro
 
 def run_cli(configs: Configs) -> int:
     """Run the sampler for the CLI; returns the process exit status."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runtime = configs.runtime
+    _setup_logging(runtime)
+    # 1. Checks every rank decides alike from the flags and files, before any collective: one message
+    #    (local rank 0), status 2 on every rank.
     try:
-        _run(configs)
+        save_dir = check_writable_dir(runtime.save_path)  # before minutes of model loading
+        if runtime.decode_latents is None:
+            from hyvideo.inference import check_parallel_layout
+
+            check_parallel_layout(configs)
     except USER_ERRORS as exc:
-        logger.debug("details", exc_info=True)
-        print(f"sample_video.py: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return _report_user_error(exc, runtime, every_rank=False)
+    # 2. The process group, then the work; a failure from here on ends this rank at once.
+    return run_guarded(lambda: _work(configs, save_dir), runtime)
 
 
-def _run(configs: Configs) -> None:
-    save_dir = check_writable_dir(configs.runtime.save_path)  # before minutes of model loading
-    if configs.runtime.decode_latents is not None:
-        decode_saved_latents(configs, configs.runtime.decode_latents, save_dir)
-        return
-    from hyvideo.inference import HunyuanVideoSampler, draw_seed
+def _work(configs: Configs, save_dir: Path) -> None:
+    from hyvideo.inference import init_parallel
+    from hyvideo.parallel import destroy
+
+    runtime = configs.runtime
+    if not runtime.is_main_process:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # loading bars: the main process shows them
+    state = init_parallel(runtime)
+    if runtime.decode_latents is not None:
+        decode_saved_latents(configs, runtime.decode_latents, save_dir, parallel=state)
+    else:
+        _sample(configs, save_dir, state)
+    destroy(state)
+
+
+def _setup_logging(runtime: RuntimeConfig) -> None:
+    """INFO on the main process only; the other ranks log warnings and errors, tagged with their rank."""
+    tag = f"[rank {runtime.rank}] " if runtime.world_size > 1 else ""
+    level = logging.INFO if runtime.is_main_process else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s")
+
+
+def _report_user_error(exc: BaseException, runtime: RuntimeConfig, *, every_rank: bool) -> int:
+    logger.debug("details", exc_info=True)
+    if every_rank or runtime.local_rank == 0:
+        tag = f"[rank {runtime.rank}] " if every_rank and runtime.world_size > 1 else ""
+        print(f"sample_video.py: error: {tag}{exc}", file=sys.stderr, flush=True)
+    return 2
+
+
+def run_guarded(work: Callable[[], None], runtime: RuntimeConfig) -> int:
+    """Run `work`; return 0, or 2 after a user error (one line on stderr).
+
+    In a multi-process launch a failed rank ends its process at once (status 2 for a user error, 1 with
+    a traceback otherwise) without interpreter shutdown, which could wait on the process group: its peers,
+    blocked in a collective with it, then see it gone (gloo fails at once; under NCCL torchrun stops them,
+    else the collective timeout does), so no rank hangs. In one process other exceptions propagate.
+    """
+    try:
+        work()
+    except USER_ERRORS as exc:
+        code = _report_user_error(exc, runtime, every_rank=True)
+    except Exception:
+        if runtime.world_size == 1:
+            raise
+        logger.critical("rank %d of %d failed; stopping", runtime.rank, runtime.world_size, exc_info=True)
+        code = 1
+    else:
+        return 0
+    if runtime.world_size > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _sample(configs: Configs, save_dir: Path, state) -> None:
+    from hyvideo.inference import HunyuanVideoSampler, agree_seed
 
     sampling = configs.sampling
-    sampler = HunyuanVideoSampler.from_pretrained(configs, use_autocast=not configs.runtime.disable_autocast)
-    seed = draw_seed() if sampling.seed is None else sampling.seed  # one seed for the whole run
+    sampler = HunyuanVideoSampler.from_pretrained(configs, parallel=state,
+                                                  use_autocast=not configs.runtime.disable_autocast)
+    seed = agree_seed(sampling.seed, state)  # one seed for the whole run, the same on every rank
     for index, prompt in enumerate(sampling.prompts):
         logger.info("Prompt %d/%d: %s", index + 1, len(sampling.prompts), prompt)
         out = sampler.predict(
@@ -62,7 +131,8 @@ def _run(configs: Configs) -> None:
             num_videos_per_prompt=sampling.num_videos * sampling.batch_size,
             enable_tiling=configs.model.vae_tiling,
         )
-        save_outputs(out, configs, save_dir)
+        if state.is_main:  # every rank holds the same videos; one writes them
+            save_outputs(out, configs, save_dir)
 
 
 def save_outputs(out, configs: Configs, save_dir: Path) -> list[Path]:
@@ -97,16 +167,25 @@ def run_record(configs: Configs, **facts) -> dict:
     }
 
 
-def decode_saved_latents(configs: Configs, latents_path: Path, save_dir: Path) -> Path:
-    """Decode a file written with --save-latents into an mp4, without loading the DiT or text encoders."""
+def decode_saved_latents(
+    configs: Configs, latents_path: Path, save_dir: Path, *, parallel=None
+) -> Path | None:
+    """Decode a file written with --save-latents into an mp4, without loading the DiT or text encoders.
+
+    Under torchrun (`parallel` with several ranks) the ranks decode different VAE tiles and the main process
+    writes the file; the others return None.
+    """
     from hyvideo.diffusion.pipelines.pipeline_hunyuan_video import decode_latents
     from hyvideo.inference import default_device, load_vae_component
 
     latents, record = load_latents(latents_path)
-    vae = load_vae_component(configs.model, default_device())
+    multi = parallel is not None and parallel.enabled
+    vae = load_vae_component(configs.model, parallel.device if multi else default_device())
     video = decode_latents(vae, latents, vae_dtype=PRECISION_TO_TYPE[configs.model.vae_precision],
                            use_autocast=not configs.runtime.disable_autocast,
-                           enable_tiling=configs.model.vae_tiling)
+                           enable_tiling=configs.model.vae_tiling, parallel=parallel)
+    if multi and not parallel.is_main:
+        return None
     path = unique_path(save_dir, f"{latents_path.stem}_decoded", ".mp4", sibling_suffixes=(".json",))
     save_video(video[0], path, fps=FPS, crf=configs.runtime.crf)
     write_sidecar(path, {**record, "decoded_from": str(latents_path),

@@ -8,8 +8,10 @@ Masks are boolean, True = "may attend":
   the DiT builds them ([image | valid text | padded text]).
 * (B, 1, L_q, L_k): a full mask, what the token refiner uses.
 
-A backend is `fn(q, k, v, key_mask) -> out` with q/k/v and out (B, L, H, D). A later sequence-parallel backend
-registers itself with `register_attention_backend(name, fn, is_available)`.
+A backend is `fn(q, k, v, key_mask) -> out` with q/k/v and out (B, L, H, D). Named backends live in a registry
+(`register_attention_backend(name, fn, is_available)`); `attention()` also takes such a callable directly,
+which is how a backend that needs per-forward context runs (the DiT's sequence-parallel attention object,
+see hyvideo/parallel/dit.py), so blocks never branch on the kind of attention.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# What blocks pass as `backend`: a registered name, or a backend callable carrying its own context.
+AttentionBackend = str | AttentionFn
 
 # The flash-attn module once imported (FA3 `flash_attn_interface` preferred, then FA2 `flash_attn`), or None
 # when neither imports. Filled lazily, so importing this file imports nothing optional.
@@ -160,19 +164,20 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    backend: str,
+    backend: AttentionBackend,
     key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Multi-head attention with the softmax scale 1/sqrt(D).
 
     Args:
         q, k, v: (B, L, H, D).
-        backend: a resolved backend name (see `resolve_attention_backend`).
+        backend: a resolved backend name (see `resolve_attention_backend`), or a backend callable
+            `fn(q, k, v, key_mask) -> (B, L, H, D)` such as the DiT's sequence-parallel attention.
         key_mask: None, a (B, 1, 1, L) key mask or a (B, 1, L, L) full mask; bool, True = attend.
     Returns:
         (B, L, H * D) in v's dtype.
     """
-    fn = _BACKENDS.get(backend)
+    fn = backend if callable(backend) else _BACKENDS.get(backend)
     if fn is None:
         raise ValueError(f"attention backend {backend!r} is unknown; registered: {sorted(_BACKENDS)}")
     return fn(q, k, v, key_mask).flatten(2)

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from ..constants import DiTConfig
-from .attention import attention, resolve_attention_backend
+from ..parallel.dit import ImageTokenSplit
+from ..parallel.groups import SequenceParallelState
+from .attention import AttentionBackend, attention, resolve_attention_backend
 from .embed_layers import PatchEmbed, TimestepEmbedder
 from .mlp_layers import MLP, FinalLayer, MLPEmbedder, get_activation_layer
 from .modulate_layers import ModulateDiT, ModulationOut, apply_gate, modulate
@@ -118,7 +120,7 @@ class MMDoubleStreamBlock(nn.Module):
         freqs: tuple[torch.Tensor, torch.Tensor],
         *,
         key_mask: torch.Tensor | None,
-        backend: str,
+        backend: AttentionBackend,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """img (B, L_img, D), txt (B, L_txt, D), vec (B, D), freqs 2 x (L_img, D_h) -> updated (img, txt)."""
         # 1. Modulation: (shift, scale, gate) for attention and for the MLP, per stream
@@ -192,7 +194,7 @@ class MMSingleStreamBlock(nn.Module):
         *,
         img_len: int,
         key_mask: torch.Tensor | None,
-        backend: str,
+        backend: AttentionBackend,
     ) -> torch.Tensor:
         """x (B, L_img + L_txt, D) with image tokens first, vec (B, D), freqs 2 x (L_img, D_h) -> x."""
         # 1. Modulation and the fused projection: qkv (B, L, 3D), mlp (B, L, D_mlp)
@@ -273,6 +275,7 @@ class HYVideoDiffusionTransformer(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         attention_backend: str = "auto",
+        parallel: SequenceParallelState | None = None,
     ) -> None:
         super().__init__()
         factory = {"dtype": dtype, "device": device}
@@ -280,6 +283,8 @@ class HYVideoDiffusionTransformer(nn.Module):
         self.config = config
         self.patch_size = tuple(config.patch_size)
         self.attention_backend = resolve_attention_backend(attention_backend)
+        self.parallel: SequenceParallelState | None = None
+        self.enable_sequence_parallel(parallel)
 
         self.img_in = PatchEmbed(self.patch_size, config.in_channels, d, **factory)
         self.txt_in = SingleTokenRefiner(
@@ -299,6 +304,20 @@ class HYVideoDiffusionTransformer(nn.Module):
     def set_attention_backend(self, name: str) -> None:
         """Switch the attention backend (resolved and validated like the constructor argument)."""
         self.attention_backend = resolve_attention_backend(name)
+
+    def enable_sequence_parallel(self, state: SequenceParallelState | None) -> None:
+        """Split the image tokens over the ranks of `state` in every forward (None: run unsplit).
+
+        Every rank must hold the same weights and call forward with the same inputs; each then returns
+        the full prediction. Attention runs as Ulysses x ring over the ranks (hyvideo/parallel), with
+        its own kernels in place of `attention_backend` (the token refiner keeps `attention_backend`).
+
+        Raises:
+            ValueError: when the Ulysses degree does not divide the number of heads.
+        """
+        if state is not None:
+            state.check_num_heads(self.config.heads_num)
+        self.parallel = state if state is not None and state.enabled else None
 
     def _conditioning(
         self, t: torch.Tensor, text_states_2: torch.Tensor, guidance: torch.Tensor | None
@@ -353,7 +372,8 @@ class HYVideoDiffusionTransformer(nn.Module):
             guidance: (B,) embedded guidance scale * 1000; required iff config.guidance_embed.
             freqs_cos, freqs_sin: optional (L_img, head_dim) float32 RoPE tables; computed from x when None.
         Returns:
-            (B, C_out, T, H, W).
+            (B, C_out, T, H, W). Under sequence parallelism (`enable_sequence_parallel`) every rank passes
+            the same full inputs and gets the same full output.
         """
         batch, latent_thw, grid = x.shape[0], tuple(x.shape[2:]), self._token_grid(x)  # grid (T', H', W')
         t = t.expand(batch) if t.ndim == 0 else t
@@ -366,26 +386,30 @@ class HYVideoDiffusionTransformer(nn.Module):
         if freqs_cos is None:
             freqs_cos, freqs_sin = self._rope(latent_thw, x.device)  # (L_img, D_h) each
         freqs = (freqs_cos.to(x.device), freqs_sin.to(x.device))
-        # 3. Image tokens, t-major then h then w
+        # 3. Image tokens, t-major then h then w; under sequence parallelism this rank's chunk of them
+        #    (L_loc = ceil(L_img / P), zero-padded) with the matching RoPE rows; L_loc = L_img in one process.
         img = self.img_in(x)  # (B, L_img, D)
-        img_len = img.shape[1]
-        # 4. Text tokens: crop padding common to the batch, else keep a mask; then refine
+        split = ImageTokenSplit.create(self.parallel, img.shape[1], self.attention_backend)
+        img, freqs = split.scatter(img, freqs)  # (B, L_loc, D), 2 x (L_loc, D_h)
+        img_len, backend = img.shape[1], split.backend
+        # 4. Text tokens (replicated on every rank): crop padding common to the batch, else keep a mask;
+        #    then refine
         text_states, text_mask = prepare_text_inputs(text_states, text_mask)  # (B, L_txt, C_txt)
         txt = self.txt_in(text_states, t, text_mask, backend=self.attention_backend)  # (B, L_txt, D)
         # 5. Key mask over [img | txt]: image and valid text keys (None when no padding is left)
         key_mask = None
         if text_mask is not None:
             img_valid = torch.ones(batch, img_len, dtype=torch.bool, device=text_mask.device)
-            key_mask = torch.cat((img_valid, text_mask), dim=1)[:, None, None, :]  # (B, 1, 1, L_img + L_txt)
+            key_mask = torch.cat((img_valid, text_mask), dim=1)[:, None, None, :]  # (B, 1, 1, L_loc + L_txt)
         # 6. Double-stream blocks
         for block in self.double_blocks:
-            img, txt = block(img, txt, vec, freqs, key_mask=key_mask, backend=self.attention_backend)
+            img, txt = block(img, txt, vec, freqs, key_mask=key_mask, backend=backend)
         # 7. Single-stream blocks over [img | txt]
-        x_tokens = torch.cat((img, txt), dim=1)  # (B, L_img + L_txt, D)
+        x_tokens = torch.cat((img, txt), dim=1)  # (B, L_loc + L_txt, D)
         for block in self.single_blocks:
-            x_tokens = block(
-                x_tokens, vec, freqs, img_len=img_len, key_mask=key_mask, backend=self.attention_backend
-            )
-        # 8. Final layer on the image tokens, unpatchify
-        out = self.final_layer(x_tokens[:, :img_len], vec)  # (B, L_img, C_out * pt * ph * pw)
+            x_tokens = block(x_tokens, vec, freqs, img_len=img_len, key_mask=key_mask, backend=backend)
+        # 8. Final layer on the image tokens (per token, so before the gather: C_out * 4 features travel
+        #    instead of D), gather every rank's tokens, unpatchify
+        out = self.final_layer(x_tokens[:, :img_len], vec)  # (B, L_loc, C_out * pt * ph * pw)
+        out = split.gather(out)  # (B, L_img, C_out * pt * ph * pw)
         return unpatchify(out, grid, self.patch_size)  # (B, C_out, T, H, W)

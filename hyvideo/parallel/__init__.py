@@ -14,14 +14,21 @@ Typical use on every rank (launched with torchrun)::
     img = gather_tokens(img_local, 1, state, total_len=L_img)    # (B, L_loc, C) -> (B, L_img, C)
     if is_main_process(state): save(...)
     destroy(state)
+
+The DiT does all of the above itself once given the state: ``model.enable_sequence_parallel(state)`` (see
+``dit.py``: ImageTokenSplit / SequenceParallelAttention). The pipeline broadcasts the initial noise from
+rank 0 (``broadcast_from_main``) and decodes the VAE tiles in parallel (``vae_decode.parallel_vae_decode``,
+imported from its module so that importing the DiT does not import the VAE).
 """
 
 from hyvideo.parallel.attention import attention_with_lse, merge_partials, sequence_parallel_attention
+from hyvideo.parallel.dit import ImageTokenSplit, SequenceParallelAttention
 from hyvideo.parallel.groups import (
     DEFAULT_TIMEOUT_S,
     SequenceParallelConfig,
     SequenceParallelState,
     barrier,
+    broadcast_from_main,
     broadcast_seed,
     check_layout,
     check_num_heads,
@@ -34,11 +41,14 @@ from hyvideo.parallel.sharding import TokenShard, gather_tokens, shard_rope, sha
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "ImageTokenSplit",
+    "SequenceParallelAttention",
     "SequenceParallelConfig",
     "SequenceParallelState",
     "TokenShard",
     "attention_with_lse",
     "barrier",
+    "broadcast_from_main",
     "broadcast_seed",
     "check_layout",
     "check_num_heads",

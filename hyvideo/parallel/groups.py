@@ -142,7 +142,13 @@ def default_device(local_rank: int | None) -> torch.device:
     """The accelerator with index `local_rank` when one is available, else the CPU."""
     accel = getattr(torch, "accelerator", None)
     if accel is not None and accel.is_available():
-        return torch.device(accel.current_accelerator().type, local_rank or 0)
+        kind, count = accel.current_accelerator().type, accel.device_count()
+        if (local_rank or 0) >= count:
+            raise ValueError(
+                f"local rank {local_rank} has no {kind} device: only {count} are visible on this node. "
+                f"Launch at most {count} process(es) per node (torchrun --nproc_per_node={count})."
+            )
+        return torch.device(kind, local_rank or 0)
     return torch.device("cpu")
 
 
@@ -261,6 +267,18 @@ def broadcast_seed(seed: int | None, state: SequenceParallelState) -> int:
     tensor = torch.tensor([value if state.is_main else 0], dtype=torch.int64, device=state.comm_device)
     dist.broadcast(tensor, src=0)
     return int(tensor.item())
+
+
+def broadcast_from_main(tensor: torch.Tensor, state: SequenceParallelState) -> torch.Tensor:
+    """Return rank 0's `tensor` on every rank (same shape and dtype on all; unchanged in one process).
+
+    Used for the initial noise, so every rank denoises the same latents even if their generators differ.
+    """
+    if not state.enabled:
+        return tensor
+    wire = as_wire(tensor).clone()  # a private buffer: the caller's tensor is never written into
+    dist.broadcast(wire, src=0)
+    return wire.view(tensor.dtype) if wire.dtype != tensor.dtype else wire
 
 
 def barrier(state: SequenceParallelState) -> None:

@@ -12,6 +12,8 @@ import torch
 from diffusers import DiffusionPipeline
 
 from hyvideo.constants import NEGATIVE_PROMPT
+from hyvideo.parallel.groups import SequenceParallelState, broadcast_from_main
+from hyvideo.parallel.vae_decode import parallel_vae_decode
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +70,12 @@ def classifier_free_guidance(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale
 
 
 def decode_latents(vae, latents: torch.Tensor, *, vae_dtype: torch.dtype, use_autocast: bool = True,
-                   enable_tiling: bool = True) -> torch.Tensor:
-    """Latents (B, C, T', h, w) -> video (B, 3, T, H, W) in [0, 1], float32 on the CPU."""
+                   enable_tiling: bool = True, parallel: SequenceParallelState | None = None) -> torch.Tensor:
+    """Latents (B, C, T', h, w) -> video (B, 3, T, H, W) in [0, 1], float32 on the CPU.
+
+    With a multi-process `parallel` state and tiling on, the ranks decode different tiles and every rank
+    gets the whole video (hyvideo/parallel/vae_decode.py); the latents must be the same on every rank.
+    """
     if enable_tiling:
         vae.enable_tiling()
     else:
@@ -80,7 +86,7 @@ def decode_latents(vae, latents: torch.Tensor, *, vae_dtype: torch.dtype, use_au
     z = latents.to(vae_param.device) / vae.config.scaling_factor
     z = z if autocast else z.to(vae_param.dtype)
     with torch.inference_mode(), torch.autocast(vae_param.device.type, dtype=vae_dtype, enabled=autocast):
-        video = vae.decode(z)
+        video = parallel_vae_decode(vae, z, parallel)  # vae.decode(z) in a single process
     return (video / 2 + 0.5).clamp(0, 1).cpu().float()
 
 
@@ -107,18 +113,22 @@ class HunyuanVideoPipeline(DiffusionPipeline):
     """Flow-matching text-to-video sampling with the HunyuanVideo DiT.
 
     `dit_dtype` is the denoising autocast dtype (`--precision`); `vae_dtype` the decoding one
-    (`--vae-precision`); `use_autocast=False` runs every module in its stored dtype.
+    (`--vae-precision`); `use_autocast=False` runs every module in its stored dtype. `parallel`: under
+    torchrun, the sequence-parallel state; then every rank runs the pipeline with the same inputs, the
+    initial noise is rank 0's, the DiT (given the same state) splits its tokens and the VAE decodes tiles
+    in parallel. Every rank returns the same videos.
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
 
     def __init__(self, vae, text_encoder, text_encoder_2, transformer, scheduler, *,
                  dit_dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype = torch.float16,
-                 use_autocast: bool = True):
+                 use_autocast: bool = True, parallel: SequenceParallelState | None = None):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                               transformer=transformer, scheduler=scheduler)
         self.dit_dtype, self.vae_dtype, self.use_autocast = dit_dtype, vae_dtype, use_autocast
+        self.parallel = parallel
 
     @property
     def device(self) -> torch.device:
@@ -188,7 +198,7 @@ class HunyuanVideoPipeline(DiffusionPipeline):
 
     def decode(self, latents: torch.Tensor, *, enable_tiling: bool = True) -> torch.Tensor:
         return decode_latents(self.vae, latents, vae_dtype=self.vae_dtype, use_autocast=self.use_autocast,
-                              enable_tiling=enable_tiling)
+                              enable_tiling=enable_tiling, parallel=self.parallel)
 
     def _autocast(self, dtype: torch.dtype) -> bool:
         return self.use_autocast and dtype != torch.float32
@@ -258,6 +268,10 @@ class HunyuanVideoPipeline(DiffusionPipeline):
             latents = self.prepare_latents(batch, video_length=video_length, height=height, width=width,
                                            dtype=prompt_conditions.embeds.dtype, generator=generator)
         latents = latents.to(self.device)
+        if self.parallel is not None:
+            # Every rank must denoise the same noise: take rank 0's (seeds agree too; this also covers
+            # generator=None and generators that differ by device).
+            latents = broadcast_from_main(latents, self.parallel)
 
         # 5. Denoise
         with timings("denoise_s"):
