@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from hyvideo.offload import OFFLOAD_MODES
 from hyvideo.constants import (
     HUNYUAN_VIDEO_CONFIG,
     PRECISIONS,
@@ -121,6 +122,8 @@ class RuntimeConfig:
     save_path: Path
     disable_autocast: bool
     use_cpu_offload: bool
+    offload_mode: str  # "none", "model", "block" or "sequential" (see hyvideo/offload.py)
+    plan_memory: float | None  # --plan-memory: print the memory plan (for a card of this many GiB) and exit
     ulysses_degree: int
     ring_degree: int
     crf: int
@@ -309,8 +312,18 @@ def _add_inference_args(parser: argparse.ArgumentParser) -> None:
                        help="No effect (one checkpoint serves both).")
     group.add_argument("--load-key", type=str, default="module", choices=["module", "ema"],
                        help="Which weights of the DiT checkpoint dict to load.")
+    # Differs: the original kept the DiT resident and streamed the text encoders/VAE leaf by leaf (slow);
+    # here it means --offload-mode block unless --offload-mode says otherwise.
     group.add_argument("--use-cpu-offload", action="store_true",
-                       help="Keep models on the CPU until they are needed.")
+                       help="Keep models on the CPU until needed: same as --offload-mode block.")
+    group.add_argument("--offload-mode", type=str, default=None, choices=OFFLOAD_MODES,
+                       help="none: all resident; model: each model moves to the GPU for its stage; block: "
+                            "model moves + the DiT's blocks streamed with prefetch; sequential: the "
+                            "original's leaf-by-leaf offload (slow). Default: block with --use-cpu-offload, "
+                            "else none.")
+    group.add_argument("--plan-memory", type=float, nargs="?", const=0.0, default=None, metavar="GIB",
+                       help="Print the estimated peak GPU memory of this command (and, given GIB, which "
+                            "flag combinations fit a card of that size), then exit without loading models.")
     group.add_argument("--batch-size", type=int, default=1, help="Number of seed groups per prompt.")
     group.add_argument("--infer-steps", type=int, default=50, help="Number of denoising steps.")
     group.add_argument("--disable-autocast", action="store_true",
@@ -373,6 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------
 # Validation and conversion
 # --------------------------------------------------------------------------------------------------
+
+
+def resolve_offload_mode(args: argparse.Namespace) -> str:
+    if args.offload_mode is not None:
+        return args.offload_mode
+    return "block" if args.use_cpu_offload else "none"
 
 
 def validation_errors(args: argparse.Namespace) -> list[str]:
@@ -465,7 +484,8 @@ def configs_from_args(args: argparse.Namespace) -> Configs:
     env = launch_env()
     runtime = RuntimeConfig(
         save_path=Path(save_path), disable_autocast=args.disable_autocast,
-        use_cpu_offload=args.use_cpu_offload, ulysses_degree=args.ulysses_degree,
+        use_cpu_offload=args.use_cpu_offload, offload_mode=resolve_offload_mode(args),
+        plan_memory=args.plan_memory, ulysses_degree=args.ulysses_degree,
         ring_degree=args.ring_degree, crf=args.crf, save_latents=args.save_latents,
         decode_latents=Path(args.decode_latents) if args.decode_latents else None,
         rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
@@ -492,7 +512,8 @@ def parse_args(argv: list[str] | None = None, *, require_prompt: bool = False) -
     parser = build_parser()
     args = parser.parse_args(argv)
     errors = validation_errors(args)
-    if require_prompt and args.prompt is None and args.prompt_file is None and args.decode_latents is None:
+    nothing_to_sample = args.decode_latents is not None or args.plan_memory is not None
+    if require_prompt and args.prompt is None and args.prompt_file is None and not nothing_to_sample:
         errors.append("--prompt (or --prompt-file) is required")
     if errors:
         parser.error("; ".join(errors))

@@ -116,8 +116,9 @@ class Inference:
     """Holds the loaded components; `from_pretrained` builds them from a checkpoint tree."""
 
     def __init__(self, *, transformer, vae, text_encoder, text_encoder_2, model_config: ModelConfig,
-                 device: torch.device, parallel: SequenceParallelState | None = None):
+                 device: torch.device, parallel: SequenceParallelState | None = None, offload=None):
         self.transformer, self.vae = transformer, vae
+        self.offload = offload  # hyvideo.offload.OffloadPlan, or None when everything is resident
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.model_config, self.device = model_config, device
         self.parallel = parallel if parallel is not None and parallel.enabled else None
@@ -142,16 +143,24 @@ class Inference:
         if parallel is not None and parallel.enabled:
             device = device or parallel.device
         device = device or default_device()
-        logger.info("Loading models from %s onto %s", cfg.model_base, device)
+        offload_mode = configs.runtime.offload_mode
+        # Under offload everything is loaded to the CPU first: a small card never holds all four models.
+        load_device = device if offload_mode == "none" else torch.device("cpu")
+        logger.info("Loading models from %s onto %s (offload: %s)", cfg.model_base, load_device, offload_mode)
         require_path(cfg.model_base, "checkpoint root (--model-base)")
         started = time.perf_counter()
         components = {
-            "transformer": load_transformer(cfg, device),
-            "vae": load_vae_component(cfg, device),
-            **load_text_encoders(cfg, device),
+            "transformer": load_transformer(cfg, load_device),
+            "vae": load_vae_component(cfg, load_device),
+            **load_text_encoders(cfg, load_device),
         }
+        offload = None
+        if offload_mode != "none":
+            from hyvideo.offload import apply_offload
+
+            offload = apply_offload(components, mode=offload_mode, device=device)
         logger.info("Models loaded in %.1f s", time.perf_counter() - started)
-        return cls(**components, model_config=cfg, device=device, parallel=parallel, **kwargs)
+        return cls(**components, model_config=cfg, device=device, parallel=parallel, offload=offload, **kwargs)
 
 
 def load_transformer(cfg: ModelConfig, device: torch.device):
@@ -200,7 +209,7 @@ class HunyuanVideoSampler(Inference):
             vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
             transformer=self.transformer, scheduler=FlowMatchDiscreteScheduler(),
             dit_dtype=PRECISION_TO_TYPE[cfg.precision], vae_dtype=PRECISION_TO_TYPE[cfg.vae_precision],
-            use_autocast=use_autocast, parallel=self.parallel,
+            use_autocast=use_autocast, parallel=self.parallel, offload=self.offload,
         )
 
     def predict(

@@ -41,6 +41,9 @@ def run_cli(configs: Configs) -> int:
     """Run the sampler for the CLI; returns the process exit status."""
     runtime = configs.runtime
     _setup_logging(runtime)
+    if runtime.plan_memory is not None:
+        print(memory_plan_report(configs))
+        return 0
     # 1. Checks every rank decides alike from the flags and files, before any collective: one message
     #    (local rank 0), status 2 on every rank.
     try:
@@ -70,6 +73,27 @@ def _work(configs: Configs, save_dir: Path) -> None:
     else:
         _sample(configs, save_dir, state)
     destroy(state)
+
+
+def memory_plan_report(configs: Configs) -> str:
+    """--plan-memory: the estimated peak memory of this command, and what would fit the given card."""
+    from hyvideo.memory_plan import estimate_peak_memory, format_plan, plan_for_card
+
+    cfg, sampling = configs.model, configs.sampling
+    estimate = estimate_peak_memory(
+        height=sampling.height, width=sampling.width, video_length=sampling.video_length,
+        precision=cfg.precision, use_fp8=cfg.use_fp8, offload_mode=configs.runtime.offload_mode,
+        cfg_scale=sampling.cfg_scale, vae_tiling=cfg.vae_tiling, text_len=cfg.text_len, dit_config=cfg.dit,
+        batch_size=sampling.num_videos * sampling.batch_size, vae_precision=cfg.vae_precision,
+        text_encoder_precision=cfg.text_encoder_precision,
+    )
+    card = configs.runtime.plan_memory or None
+    report = [format_plan(estimate, card_gib=card)]
+    if card:
+        fitting = plan_for_card(card, precision=cfg.precision, cfg_scale=sampling.cfg_scale)
+        report += ["", f"Combinations estimated to fit {card:g} GiB:",
+                   format_plan(fitting, card_gib=card) if fitting else "  none"]
+    return "\n".join(report)
 
 
 def _setup_logging(runtime: RuntimeConfig) -> None:

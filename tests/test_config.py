@@ -128,7 +128,7 @@ def _changed_value(action):
     """A valid non-default value for a flag."""
     if action.choices:
         # Single-choice flags get an out-of-choice value: only propagation is being tested here.
-        return next((c for c in action.choices if c != action.default), f"{action.default}_other")
+        return next((c for c in reversed(action.choices) if c != action.default), f"{action.default}_other")
     if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
         return not action.default
     if action.nargs == "+":

@@ -144,3 +144,23 @@ def test_empty_prompt_file(tiny_tree, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and "--prompt-file" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("mode", ["model", "block", "sequential"])
+def test_offload_modes_give_the_resident_latents(tiny_tree, tmp_path, capsys, mode):
+    latents = []
+    for name, extra in (("resident", []), (mode, ["--use-cpu-offload", "--offload-mode", mode])):
+        out = tmp_path / name
+        code, err = run(["--model-base", str(tiny_tree), "--prompt", "a boat", "--seed", "11", "--save-latents",
+                         "--save-path", str(out), *SMALL, *extra], capsys)
+        assert code == 0, err
+        (path,) = outputs(out, ".safetensors")
+        latents.append(load_latents(path)[0])
+    assert np.array_equal(latents[0].numpy(), latents[1].numpy())
+
+
+def test_plan_memory_prints_and_loads_nothing(tmp_path, capsys):
+    code = sample_video.main(["--plan-memory", "24", "--video-size", "544", "960", "--use-cpu-offload",
+                              "--use-fp8", "--model-base", str(tmp_path / "no-weights-needed")])
+    out = capsys.readouterr().out
+    assert code == 0 and "544x960" in out and "block" in out and "fits" in out

@@ -12,6 +12,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from hyvideo.constants import NEGATIVE_PROMPT
+from hyvideo.offload import OffloadPlan
 from hyvideo.parallel.groups import SequenceParallelState, broadcast_from_main
 from hyvideo.parallel.vae_decode import parallel_vae_decode
 
@@ -70,22 +71,25 @@ def classifier_free_guidance(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale
 
 
 def decode_latents(vae, latents: torch.Tensor, *, vae_dtype: torch.dtype, use_autocast: bool = True,
-                   enable_tiling: bool = True, parallel: SequenceParallelState | None = None) -> torch.Tensor:
+                   enable_tiling: bool = True, parallel: SequenceParallelState | None = None,
+                   device: torch.device | None = None) -> torch.Tensor:
     """Latents (B, C, T', h, w) -> video (B, 3, T, H, W) in [0, 1], float32 on the CPU.
 
     With a multi-process `parallel` state and tiling on, the ranks decode different tiles and every rank
     gets the whole video (hyvideo/parallel/vae_decode.py); the latents must be the same on every rank.
+    `device`: where the VAE computes (default: where its weights are; differs under sequential offload).
     """
     if enable_tiling:
         vae.enable_tiling()
     else:
         vae.disable_tiling()
     vae_param = next(vae.parameters())
+    device = device or vae_param.device
     autocast = use_autocast and vae_dtype != torch.float32
     # Parity: the original divides by the scaling factor (no shift) and decodes under autocast.
-    z = latents.to(vae_param.device) / vae.config.scaling_factor
+    z = latents.to(device) / vae.config.scaling_factor
     z = z if autocast else z.to(vae_param.dtype)
-    with torch.inference_mode(), torch.autocast(vae_param.device.type, dtype=vae_dtype, enabled=autocast):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=vae_dtype, enabled=autocast):
         video = parallel_vae_decode(vae, z, parallel)  # vae.decode(z) in a single process
     return (video / 2 + 0.5).clamp(0, 1).cpu().float()
 
@@ -123,16 +127,22 @@ class HunyuanVideoPipeline(DiffusionPipeline):
 
     def __init__(self, vae, text_encoder, text_encoder_2, transformer, scheduler, *,
                  dit_dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype = torch.float16,
-                 use_autocast: bool = True, parallel: SequenceParallelState | None = None):
+                 use_autocast: bool = True, parallel: SequenceParallelState | None = None,
+                 offload: OffloadPlan | None = None):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                               transformer=transformer, scheduler=scheduler)
         self.dit_dtype, self.vae_dtype, self.use_autocast = dit_dtype, vae_dtype, use_autocast
-        self.parallel = parallel
+        self.parallel, self.offload = parallel, offload
 
     @property
     def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
+        """Where the pipeline computes (under offload, weights may wait elsewhere)."""
+        return self.offload.device if self.offload is not None else next(self.transformer.parameters()).device
+
+    def stage(self, *names: str) -> contextlib.AbstractContextManager:
+        """Bring the named components onto the device for one stage (a no-op without offload)."""
+        return self.offload.stage(*names) if self.offload is not None else contextlib.nullcontext()
 
     @property
     def _execution_device(self) -> torch.device:
@@ -198,6 +208,7 @@ class HunyuanVideoPipeline(DiffusionPipeline):
 
     def decode(self, latents: torch.Tensor, *, enable_tiling: bool = True) -> torch.Tensor:
         return decode_latents(self.vae, latents, vae_dtype=self.vae_dtype, use_autocast=self.use_autocast,
+                              device=self.device,
                               enable_tiling=enable_tiling, parallel=self.parallel)
 
     def _autocast(self, dtype: torch.dtype) -> bool:
@@ -247,7 +258,7 @@ class HunyuanVideoPipeline(DiffusionPipeline):
         do_cfg = guidance_scale > 1.0
 
         # 2. Encode prompts ([negative, positive] when doing CFG, as the original)
-        with timings("encode_s"):
+        with timings("encode_s"), self.stage("text_encoder", "text_encoder_2"):
             if prompt_conditions is None:
                 prompts = [prompt] if isinstance(prompt, str) else list(prompt)
                 prompt_conditions = self.encode_prompt(prompts, data_type=data_type)
@@ -274,7 +285,7 @@ class HunyuanVideoPipeline(DiffusionPipeline):
             latents = broadcast_from_main(latents, self.parallel)
 
         # 5. Denoise
-        with timings("denoise_s"):
+        with timings("denoise_s"), self.stage("transformer"):
             latents = self.denoise(latents, cond, guidance_scale=guidance_scale,
                                    embedded_guidance_scale=embedded_guidance_scale,
                                    callback=callback_on_step_end, show_progress=show_progress)
@@ -282,7 +293,7 @@ class HunyuanVideoPipeline(DiffusionPipeline):
         # 6. Decode
         videos = None
         if output_type != "latent":
-            with timings("decode_s"):
+            with timings("decode_s"), self.stage("vae"):
                 videos = self.decode(latents, enable_tiling=enable_tiling)
         return HunyuanVideoPipelineOutput(videos=videos, latents=latents, timings=timings.seconds)
 
