@@ -17,8 +17,8 @@ from hyvideo.modules.modulate_layers import modulate
 from hyvideo.modules.norm_layers import FP32LayerNorm, RMSNorm
 from tests.helpers import rel_err
 
-# shared/ sits beside the repository checkout (also in CI)
-TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_dit_state_dict_keys.tsv"
+# A copy of shared/reference/official_dit_state_dict_keys.tsv: every official key and shape.
+TSV = Path(__file__).resolve().parent / "data" / "official_dit_state_dict_keys.tsv"
 
 TINY = DiTConfig(
     hidden_size=64,
