@@ -168,6 +168,12 @@ def plan_tiles(
     return TilePlan(temporal, rows_rule, cols_rule, len(t_starts), len(r_starts), len(c_starts), tuple(tiles))
 
 
+def _tail(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """The last min(n, size) entries of x along dim (a view)."""
+    n = min(n, x.shape[dim])
+    return x.narrow(dim, x.shape[dim] - n, n)
+
+
 def blend_into(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> torch.Tensor:
     """Cross-fade the end of `a` into the start of `b` along `dim`, in place on `b` (which is returned).
 
@@ -185,7 +191,7 @@ def blend_into(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> torch
     shape[dim] = e
     w_b = ramp.to(device=b.device, dtype=compute).view(shape)
     w_a = (1 - ramp).to(device=b.device, dtype=compute).view(shape)
-    a_edge = a.narrow(dim, a.shape[dim] - e, e)
+    a_edge = _tail(a, e, dim)
     b_edge = b.narrow(dim, 0, e)
     blended = (a_edge.to(compute) * w_a).to(b.dtype) + (b_edge.to(compute) * w_b).to(b.dtype)
     b_edge.copy_(blended)
@@ -235,7 +241,7 @@ class TileBlender:
         kept = [t[..., : rows.keep, : cols.keep] for t in self._row]
         self._row_strips.append(kept[0] if len(kept) == 1 else torch.cat(kept, dim=-1))
         if spec.row < self.plan.num_rows - 1:
-            self._above_edges = [t[..., -rows.blend :, :].clone() for t in self._row]
+            self._above_edges = [_tail(t, rows.blend, dim=-2).clone() for t in self._row]
         self._row = []
 
     def _push_temporal(self, t: int, frames: torch.Tensor) -> None:
