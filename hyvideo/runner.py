@@ -151,7 +151,7 @@ def _sample(configs: Configs, save_dir: Path, state) -> None:
             seed=seed, negative_prompt=sampling.neg_prompt, infer_steps=sampling.infer_steps,
             guidance_scale=sampling.cfg_scale, flow_shift=sampling.flow_shift,
             flow_reverse=sampling.flow_reverse, embedded_guidance_scale=sampling.embedded_cfg_scale
-            if configs.model.dit.guidance_embed else None,
+            if sampler.transformer.config.guidance_embed else None,
             num_videos_per_prompt=sampling.num_videos * sampling.batch_size,
             enable_tiling=configs.model.vae_tiling,
         )

@@ -224,25 +224,16 @@ def build_ours_dit(spec: dict) -> nn.Module:
 
 def diffusers_dit_from(ours: nn.Module, spec: dict) -> nn.Module:
     """diffusers' HunyuanVideoTransformer3DModel with our weights (fp8: its layerwise fp8 storage)."""
-    from diffusers import HunyuanVideoTransformer3DModel
     from diffusers.hooks import apply_layerwise_casting
 
-    from hyvideo.modules import convert_official_to_diffusers
+    from hyvideo.testing.peers import diffusers_transformer
 
     c, dtype = ours.config, PRECISION_TO_TYPE[spec["precision"]]
     state = ours.state_dict()
     for name, module in ours.named_modules():
         if isinstance(module, FP8Linear):
             state[f"{name}.weight"] = dequantize_weight(module.weight, module.fp8_scale, dtype)
-    with torch.device("meta"):
-        theirs = HunyuanVideoTransformer3DModel(
-            in_channels=c.in_channels, out_channels=c.out_channels, num_attention_heads=c.heads_num,
-            attention_head_dim=c.head_dim, num_layers=c.mm_double_blocks_depth,
-            num_single_layers=c.mm_single_blocks_depth, num_refiner_layers=c.refiner_depth,
-            mlp_ratio=c.mlp_width_ratio, patch_size=c.patch_size[1], patch_size_t=c.patch_size[0],
-            guidance_embeds=c.guidance_embed, text_embed_dim=c.text_states_dim,
-            pooled_projection_dim=c.text_states_dim_2, rope_theta=c.rope_theta, rope_axes_dim=c.rope_dim_list)
-    theirs.load_state_dict(convert_official_to_diffusers(state, c.hidden_size), strict=True, assign=True)
+    theirs = diffusers_transformer(c, state)
     del state
     theirs = theirs.to(dtype).eval().requires_grad_(False)
     if spec["fp8"]:  # fp8 storage for the block linears only, like ours (modulations included)

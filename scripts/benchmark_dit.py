@@ -9,13 +9,18 @@ Small config (hidden 256, 4 heads, 2 double + 4 single blocks), latent 1x16x5x32
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
 
-from hyvideo.constants import DiTConfig
-from hyvideo.modules import HYVideoDiffusionTransformer, convert_official_to_diffusers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+
+from hyvideo.constants import DiTConfig  # noqa: E402
+from hyvideo.modules import HYVideoDiffusionTransformer  # noqa: E402
+from hyvideo.testing.peers import diffusers_transformer  # noqa: E402
 
 CONFIG = DiTConfig(
     hidden_size=256,
@@ -35,24 +40,7 @@ def build_pair(seed: int = 0) -> tuple[HYVideoDiffusionTransformer, HunyuanVideo
     with torch.no_grad():
         for p in ours.parameters():
             p.copy_(torch.randn_like(p) * 0.05)
-    theirs = HunyuanVideoTransformer3DModel(
-        in_channels=CONFIG.in_channels,
-        out_channels=CONFIG.out_channels,
-        num_attention_heads=CONFIG.heads_num,
-        attention_head_dim=CONFIG.head_dim,
-        num_layers=CONFIG.mm_double_blocks_depth,
-        num_single_layers=CONFIG.mm_single_blocks_depth,
-        num_refiner_layers=CONFIG.refiner_depth,
-        mlp_ratio=CONFIG.mlp_width_ratio,
-        patch_size=2,
-        patch_size_t=1,
-        guidance_embeds=True,
-        text_embed_dim=CONFIG.text_states_dim,
-        pooled_projection_dim=CONFIG.text_states_dim_2,
-        rope_theta=CONFIG.rope_theta,
-        rope_axes_dim=CONFIG.rope_dim_list,
-    ).eval()
-    theirs.load_state_dict(convert_official_to_diffusers(ours.state_dict()), strict=True)
+    theirs = diffusers_transformer(CONFIG, ours.state_dict())
     return ours, theirs
 
 

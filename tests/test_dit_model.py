@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from hyvideo.constants import HUNYUAN_VIDEO_CONFIG, DiTConfig
-from hyvideo.modules import HIGH_PRECISION_MODULES, HYVideoDiffusionTransformer, convert_official_to_diffusers
+from hyvideo.modules import HIGH_PRECISION_MODULES, HYVideoDiffusionTransformer
 from hyvideo.modules.embed_layers import TimestepEmbedder, timestep_embedding
 from hyvideo.modules.models import is_high_precision_module, unpatchify
 from hyvideo.modules.modulate_layers import modulate
 from hyvideo.modules.norm_layers import FP32LayerNorm, RMSNorm
+from hyvideo.testing.peers import diffusers_transformer
 from tests.helpers import rel_err
 
 # A copy of shared/reference/official_dit_state_dict_keys.tsv: every official key and shape.
@@ -113,28 +114,7 @@ def test_final_layer_linear_is_float32_in_a_bf16_model():
 
 
 def diffusers_twin(model: HYVideoDiffusionTransformer):
-    from diffusers import HunyuanVideoTransformer3DModel
-
-    cfg = model.config
-    twin = HunyuanVideoTransformer3DModel(
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        num_attention_heads=cfg.heads_num,
-        attention_head_dim=cfg.head_dim,
-        num_layers=cfg.mm_double_blocks_depth,
-        num_single_layers=cfg.mm_single_blocks_depth,
-        num_refiner_layers=cfg.refiner_depth,
-        mlp_ratio=cfg.mlp_width_ratio,
-        patch_size=cfg.patch_size[1],
-        patch_size_t=cfg.patch_size[0],
-        guidance_embeds=cfg.guidance_embed,
-        text_embed_dim=cfg.text_states_dim,
-        pooled_projection_dim=cfg.text_states_dim_2,
-        rope_theta=cfg.rope_theta,
-        rope_axes_dim=cfg.rope_dim_list,
-    ).eval()
-    twin.load_state_dict(convert_official_to_diffusers(model.state_dict()), strict=True)
-    return twin
+    return diffusers_transformer(model.config, model.state_dict())
 
 
 @pytest.mark.parametrize(

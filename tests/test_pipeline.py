@@ -11,7 +11,8 @@ from hyvideo.diffusion.pipelines.pipeline_hunyuan_video import (
     classifier_free_guidance,
     embedded_guidance_tensor,
 )
-from hyvideo.modules import HYVideoDiffusionTransformer, convert_official_to_diffusers
+from hyvideo.modules import HYVideoDiffusionTransformer
+from hyvideo.testing.peers import diffusers_transformer
 from hyvideo.testing.tiny import TINY_DIT, TINY_VAE, randomize_
 from hyvideo.vae import AutoencoderKLCausal3D, VAEConfig
 from tests.helpers import rel_err
@@ -31,24 +32,11 @@ def components():
 
 @pytest.fixture(scope="module")
 def diffusers_pipe(components):
-    from diffusers import (
-        AutoencoderKLHunyuanVideo,
-        FlowMatchEulerDiscreteScheduler,
-        HunyuanVideoTransformer3DModel,
-    )
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler
     from diffusers import HunyuanVideoPipeline as DiffusersPipeline
 
     dit, vae = components
-    cfg = dit.config
-    twin = HunyuanVideoTransformer3DModel(
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_attention_heads=cfg.heads_num,
-        attention_head_dim=cfg.head_dim, num_layers=cfg.mm_double_blocks_depth,
-        num_single_layers=cfg.mm_single_blocks_depth, num_refiner_layers=cfg.refiner_depth,
-        mlp_ratio=cfg.mlp_width_ratio, patch_size=cfg.patch_size[1], patch_size_t=cfg.patch_size[0],
-        guidance_embeds=cfg.guidance_embed, text_embed_dim=cfg.text_states_dim,
-        pooled_projection_dim=cfg.text_states_dim_2, rope_theta=cfg.rope_theta, rope_axes_dim=cfg.rope_dim_list,
-    ).eval()
-    twin.load_state_dict(convert_official_to_diffusers(dit.state_dict()), strict=True)
+    twin = diffusers_transformer(dit.config, dit.state_dict())
     vae_twin = AutoencoderKLHunyuanVideo(
         in_channels=3, out_channels=3, latent_channels=16, block_out_channels=tuple(TINY_VAE["block_out_channels"]),
         layers_per_block=TINY_VAE["layers_per_block"], norm_num_groups=TINY_VAE["norm_num_groups"],
