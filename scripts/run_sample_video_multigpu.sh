@@ -2,7 +2,8 @@
 # Several GPUs on one node: sequence parallelism over torch.distributed (no xfuser needed).
 # The image tokens are split over the GPUs: Ulysses splits the attention heads (the degree must divide
 # 24), ring attention passes key/value blocks around; ulysses-degree x ring-degree must equal the number
-# of processes. Every GPU holds the whole model (no --use-cpu-offload), the VAE tiles are decoded in
+# of processes. Every GPU holds the whole model (add --use-cpu-offload and/or --use-fp8 on smaller cards:
+# both work together with sequence parallelism), the VAE tiles are decoded in
 # parallel, and only rank 0 writes the video.
 #
 # Layouts of the original's README (nproc = ulysses x ring), e.g. for 1280x720 or 720x1280, 129 frames:
