@@ -177,7 +177,8 @@ def main() -> None:
         for size in args.sizes:
             for tiled in ("tiled", "untiled"):
                 res = {impl: _run_case(impl, tiled, size, args, f"{tmp}/{impl}.pt") for impl in IMPLS}
-                out, ref = torch.load(f"{tmp}/ours.pt"), torch.load(f"{tmp}/diffusers.pt")
+                out = torch.load(f"{tmp}/ours.pt", weights_only=True)
+                ref = torch.load(f"{tmp}/diffusers.pt", weights_only=True)
                 rows.append((size, tiled, res, float((out - ref).abs().max() / ref.abs().max())))
     _print_table(rows)
 
