@@ -190,7 +190,7 @@ _DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 _DIFFUSERS_SINGLE = "diffusion_pytorch_model.safetensors"
 
 
-def _torch_load(path: Path) -> object:
+def _read_torch_file(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as err:
@@ -229,7 +229,7 @@ def _read_file(path: Path, load_key: str) -> StateDict:
     try:
         if path.suffix == ".safetensors":
             return _read_safetensors(path)
-        obj = _torch_load(path)
+        obj = _read_torch_file(path)
     except Exception as err:  # garbage fails in many ways (IndexError, UnpicklingError, SafetensorError..)
         raise ValueError(f"could not read the DiT checkpoint {path}: {type(err).__name__}: {err}") from err
     return _unwrap(obj, load_key, path)

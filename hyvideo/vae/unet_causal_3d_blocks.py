@@ -280,6 +280,14 @@ class UNetMidBlockCausal3D(nn.Module):
         return self.resnets[1](h)
 
 
+def resnet_stack(in_channels: int, out_channels: int, *, num_layers: int, groups: int) -> nn.ModuleList:
+    """`num_layers` resnet blocks; the first maps C_in -> C_out (shared by the down and up blocks)."""
+    return nn.ModuleList(
+        ResnetBlockCausal3D(in_channels if i == 0 else out_channels, out_channels, groups=groups)
+        for i in range(num_layers)
+    )
+
+
 class DownEncoderBlockCausal3D(nn.Module):
     """`num_layers` resnets (the first maps C_in -> C_out), then an optional strided downsampler."""
 
@@ -293,12 +301,7 @@ class DownEncoderBlockCausal3D(nn.Module):
         downsample_stride: tuple[int, int, int] | None,
     ) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList(
-            [
-                ResnetBlockCausal3D(in_channels if i == 0 else out_channels, out_channels, groups=groups)
-                for i in range(num_layers)
-            ]
-        )
+        self.resnets = resnet_stack(in_channels, out_channels, num_layers=num_layers, groups=groups)
         self.downsamplers = (
             nn.ModuleList([DownsampleCausal3D(out_channels, downsample_stride)])
             if downsample_stride is not None
@@ -326,12 +329,7 @@ class UpDecoderBlockCausal3D(nn.Module):
         upsample_factor: tuple[int, int, int] | None,
     ) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList(
-            [
-                ResnetBlockCausal3D(in_channels if i == 0 else out_channels, out_channels, groups=groups)
-                for i in range(num_layers)
-            ]
-        )
+        self.resnets = resnet_stack(in_channels, out_channels, num_layers=num_layers, groups=groups)
         self.upsamplers = (
             nn.ModuleList([UpsampleCausal3D(out_channels, upsample_factor)])
             if upsample_factor is not None
