@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hyvideo.offload import OFFLOAD_MODES
 from hyvideo.constants import (
     HUNYUAN_VIDEO_CONFIG,
     PRECISIONS,
@@ -24,6 +23,7 @@ from hyvideo.constants import (
     VAE_TYPES,
     DiTConfig,
 )
+from hyvideo.offload import OFFLOAD_MODES
 
 logger = logging.getLogger(__name__)
 

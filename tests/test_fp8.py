@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.helpers import rel_err
 from torch import nn
 
 from hyvideo.constants import HUNYUAN_VIDEO_CONFIG, DiTConfig
@@ -28,6 +27,7 @@ from hyvideo.modules.fp8_optimization import (
     quantize_state_dict,
     quantize_weight,
 )
+from tests.helpers import rel_err
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "convert_to_fp8.py"

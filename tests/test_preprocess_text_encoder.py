@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tests.helpers import rel_err
 from transformers import (
     AutoTokenizer,
     CLIPVisionConfig,
@@ -24,6 +23,7 @@ from transformers import (
 from hyvideo.constants import PROMPT_TEMPLATE
 from hyvideo.testing.tokenizers import write_llama3_tokenizer
 from hyvideo.text_encoder import TextEncoder
+from tests.helpers import rel_err
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "preprocess_text_encoder_tokenizer_utils.py"
 PROMPTS = ["A cat walks on the grass, realistic style.", "Two boats drift on a calm lake at dawn."]

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from tests.helpers import rel_err
 
 from hyvideo.diffusion import FlowMatchDiscreteScheduler
 from hyvideo.diffusion.schedulers import euler_step, flow_sigmas, shift_sigmas, timesteps_from_sigmas
+from tests.helpers import rel_err
 
 # Appendix A of the spec (shift 7, 50 steps, reverse).
 SIGMAS_HEAD = [1.0, 0.997093, 0.99408287, 0.9909639, 0.9877301]

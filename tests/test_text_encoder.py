@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from tests.helpers import rel_err
 from transformers import (
     AutoTokenizer,
     CLIPConfig,
@@ -25,6 +24,7 @@ from hyvideo.text_encoder import (
     TextEncoder,
     count_template_prefix_tokens,
 )
+from tests.helpers import rel_err
 
 PROMPT = "A cat walks on the grass, realistic style."
 PROMPT_2 = "A golden retriever runs along a beach at sunset, waves crash behind it, cinematic lighting."
