@@ -26,6 +26,7 @@ from hyvideo.constants import PRECISION_TO_TYPE, PROMPT_TEMPLATE, DiTConfig
 from hyvideo.diffusion import FlowMatchDiscreteScheduler
 from hyvideo.diffusion.pipelines import HunyuanVideoPipeline
 from hyvideo.parallel import SequenceParallelState, broadcast_seed, check_num_heads, init_sequence_parallel
+from hyvideo.parallel.groups import default_device
 from hyvideo.utils.data_utils import align_to
 
 logger = logging.getLogger(__name__)
@@ -33,11 +34,6 @@ logger = logging.getLogger(__name__)
 CKPTS_HELP = "see ckpts/README.md for the expected tree and how to download the weights"
 DIT_CONFIG_FILE = "dit_config.json"  # optional, beside the DiT weights: overrides the --model preset
 MAX_RANDOM_SEED = 1_000_000
-
-
-def default_device() -> torch.device:
-    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-    return accelerator if accelerator is not None else torch.device("cpu")
 
 
 def require_path(path: Path, what: str) -> Path:
@@ -140,9 +136,8 @@ class Inference:
         if parallel is None and configs.runtime.sequence_parallel_degree > 1:
             check_parallel_layout(configs)
             parallel = init_parallel(configs.runtime)
-        if parallel is not None and parallel.enabled:
-            device = device or parallel.device
-        device = device or default_device()
+        if device is None:
+            device = parallel.device if parallel is not None else default_device(local_rank=None)
         offload_mode = configs.runtime.offload_mode
         # Under offload everything is loaded to the CPU first: a small card never holds all four models.
         load_device = device if offload_mode == "none" else torch.device("cpu")

@@ -200,11 +200,12 @@ def decode_saved_latents(
     writes the file; the others return None.
     """
     from hyvideo.diffusion.pipelines.pipeline_hunyuan_video import decode_latents
-    from hyvideo.inference import default_device, load_vae_component
+    from hyvideo.inference import load_vae_component
+    from hyvideo.parallel.groups import default_device
 
     latents, record = load_latents(latents_path)
     multi = parallel is not None and parallel.enabled
-    vae = load_vae_component(configs.model, parallel.device if multi else default_device())
+    vae = load_vae_component(configs.model, parallel.device if parallel is not None else default_device(None))
     video = decode_latents(vae, latents, vae_dtype=PRECISION_TO_TYPE[configs.model.vae_precision],
                            use_autocast=not configs.runtime.disable_autocast,
                            enable_tiling=configs.model.vae_tiling, parallel=parallel)

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hyvideo.constants import DiTConfig
 from hyvideo.modules import (
     HYVideoDiffusionTransformer,
     available_attention_backends,
@@ -19,21 +18,9 @@ from hyvideo.modules import (
 from hyvideo.modules import attention as attention_module
 from hyvideo.modules.attention import attention, cu_seqlens_from_key_mask
 from hyvideo.modules.token_refiner import refiner_attention_mask
-from tests.helpers import rel_err
+from tests.helpers import TINY_DIT_TEST, rel_err
 
-TINY = DiTConfig(
-    hidden_size=64,
-    heads_num=2,
-    rope_dim_list=(8, 12, 12),
-    mm_double_blocks_depth=2,
-    mm_single_blocks_depth=2,
-    refiner_depth=1,
-    text_states_dim=32,
-    text_states_dim_2=16,
-    in_channels=4,
-    out_channels=4,
-    guidance_embed=True,
-)
+TINY = TINY_DIT_TEST
 FLASH_HERE = "flash" in available_attention_backends()
 
 

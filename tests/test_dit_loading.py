@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hyvideo.constants import HUNYUAN_VIDEO_CONFIG, DiTConfig
+from hyvideo.constants import HUNYUAN_VIDEO_CONFIG
 from hyvideo.modules import (
     HYVideoDiffusionTransformer,
     build_dit,
@@ -18,21 +18,9 @@ from hyvideo.modules import (
     load_dit_state_dict,
     load_dit_weights,
 )
-from tests.helpers import rel_err
+from tests.helpers import TINY_DIT_TEST, rel_err
 
-TINY = DiTConfig(
-    hidden_size=64,
-    heads_num=2,
-    rope_dim_list=(8, 12, 12),
-    mm_double_blocks_depth=2,
-    mm_single_blocks_depth=2,
-    refiner_depth=1,
-    text_states_dim=32,
-    text_states_dim_2=16,
-    in_channels=4,
-    out_channels=4,
-    guidance_embed=True,
-)
+TINY = TINY_DIT_TEST
 
 
 @pytest.fixture(scope="module")

@@ -16,24 +16,12 @@ from hyvideo.modules.models import is_high_precision_module, unpatchify
 from hyvideo.modules.modulate_layers import modulate
 from hyvideo.modules.norm_layers import FP32LayerNorm, RMSNorm
 from hyvideo.testing.peers import diffusers_transformer
-from tests.helpers import rel_err
+from tests.helpers import TINY_DIT_TEST, rel_err
 
 # A copy of shared/reference/official_dit_state_dict_keys.tsv: every official key and shape.
 TSV = Path(__file__).resolve().parent / "data" / "official_dit_state_dict_keys.tsv"
 
-TINY = DiTConfig(
-    hidden_size=64,
-    heads_num=2,
-    rope_dim_list=(8, 12, 12),
-    mm_double_blocks_depth=2,
-    mm_single_blocks_depth=2,
-    refiner_depth=2,
-    text_states_dim=32,
-    text_states_dim_2=16,
-    in_channels=4,
-    out_channels=4,
-    guidance_embed=True,
-)
+TINY = TINY_DIT_TEST.with_updates(refiner_depth=2)
 
 
 def tiny_model(config: DiTConfig = TINY, backend: str = "sdpa") -> HYVideoDiffusionTransformer:

@@ -202,15 +202,8 @@ class AutoencoderKLCausal3D(nn.Module):
 
     def plan_encode_tiles(self, sample_shape: tuple[int, ...]) -> TilePlan:
         """Tiles for encoding a video of shape (..., T, H, W) under the current tiling switches."""
-        T, H, W = sample_shape[-3:]
         g = self.tile_geometry
-        temporal = self.use_temporal_tiling and T > g.sample_tsize
-        spatial = self.use_spatial_tiling and (H > g.sample_size or W > g.sample_size)
-        return plan_tiles(
-            (T, H, W),
-            temporal=g.encode_temporal if temporal else None,
-            spatial=(g.encode_spatial, g.encode_spatial) if spatial else None,
-        )
+        return self._plan(sample_shape, g.sample_tsize, g.sample_size, g.encode_temporal, g.encode_spatial)
 
     def encode_tile(self, x: torch.Tensor, tile: Tile) -> torch.Tensor:
         """Moments (B, 2*C_lat, t, h, w) of one tile of the video x (B, C, T, H, W)."""
@@ -249,14 +242,18 @@ class AutoencoderKLCausal3D(nn.Module):
 
         Ranks may decode disjoint subsets with `decode_tile` and gather them for `blend_decoded_tiles`.
         """
-        T, H, W = latent_shape[-3:]
         g = self.tile_geometry
-        temporal = self.use_temporal_tiling and T > g.latent_tsize
-        spatial = self.use_spatial_tiling and (H > g.latent_size or W > g.latent_size)
+        return self._plan(latent_shape, g.latent_tsize, g.latent_size, g.decode_temporal, g.decode_spatial)
+
+    def _plan(self, shape: tuple[int, ...], tsize: int, size: int, temporal_rule, spatial_rule) -> TilePlan:
+        """Tile along time when T > tsize and in space when H or W > size (the original's triggers)."""
+        T, H, W = shape[-3:]
+        temporal = self.use_temporal_tiling and T > tsize
+        spatial = self.use_spatial_tiling and (H > size or W > size)
         return plan_tiles(
             (T, H, W),
-            temporal=g.decode_temporal if temporal else None,
-            spatial=(g.decode_spatial, g.decode_spatial) if spatial else None,
+            temporal=temporal_rule if temporal else None,
+            spatial=(spatial_rule, spatial_rule) if spatial else None,
         )
 
     def decode_tile(self, z: torch.Tensor, tile: Tile) -> torch.Tensor:
