@@ -15,6 +15,7 @@ SCRIPT = ROOT / "scripts" / "benchmark.py"
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import benchmark  # noqa: E402
+import benchmark_report  # noqa: E402
 
 TINY = ["--height", "32", "--width", "32", "--frames", "5", "--text-tokens", "8", "--steps", "1",
         "--repeats", "1", "--warmup", "0", "--threads", "1", "--device", "cpu"]
@@ -50,14 +51,14 @@ def positive_finite(text: str) -> float:
 def test_flops_match_the_published_arithmetic():
     # users_and_peers.md §4: 720x1280x129 -> 118,800 + 256 tokens; 1.618 + 10.450 = 12.07 PFLOP, 86.6%
     # of it attention.
-    full = benchmark.dit_configs()["full"]
-    t, h, w = benchmark.latent_shape(720, 1280, 129)
-    linear, attn = benchmark.dit_flops(full, t * (h // 2) * (w // 2) + 256)
+    full = benchmark_report.dit_configs()["full"]
+    t, h, w = benchmark_report.latent_shape(720, 1280, 129)
+    linear, attn = benchmark_report.dit_flops(full, t * (h // 2) * (w // 2) + 256)
     assert (linear / 1e15, attn / 1e15) == pytest.approx((1.618, 10.450), abs=1e-3)
     assert attn / (linear + attn) == pytest.approx(0.866, abs=5e-4)
     # 544x960x129: 67,576 tokens, 4.29 PFLOP, 78.6% attention.
-    t, h, w = benchmark.latent_shape(544, 960, 129)
-    linear, attn = benchmark.dit_flops(full, t * (h // 2) * (w // 2) + 256)
+    t, h, w = benchmark_report.latent_shape(544, 960, 129)
+    linear, attn = benchmark_report.dit_flops(full, t * (h // 2) * (w // 2) + 256)
     assert (linear + attn) / 1e15 == pytest.approx(4.29, abs=5e-3)
     assert attn / (linear + attn) == pytest.approx(0.786, abs=5e-4)
 
