@@ -121,7 +121,6 @@ class RuntimeConfig:
 
     save_path: Path
     disable_autocast: bool
-    use_cpu_offload: bool
     offload_mode: str  # "none", "model", "block" or "sequential" (see hyvideo/offload.py)
     plan_memory: float | None  # --plan-memory: print the memory plan (for a card of this many GiB) and exit
     ulysses_degree: int
@@ -484,7 +483,7 @@ def configs_from_args(args: argparse.Namespace) -> Configs:
     env = launch_env()
     runtime = RuntimeConfig(
         save_path=Path(save_path), disable_autocast=args.disable_autocast,
-        use_cpu_offload=args.use_cpu_offload, offload_mode=resolve_offload_mode(args),
+        offload_mode=resolve_offload_mode(args),
         plan_memory=args.plan_memory, ulysses_degree=args.ulysses_degree,
         ring_degree=args.ring_degree, crf=args.crf, save_latents=args.save_latents,
         decode_latents=Path(args.decode_latents) if args.decode_latents else None,

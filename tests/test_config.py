@@ -117,7 +117,7 @@ def test_original_example_command_parses():
         "--save-path ./results"
     ).split()
     cfg = config.parse_args(argv)
-    assert cfg.sampling.flow_reverse and cfg.sampling.seed == 42 and cfg.runtime.use_cpu_offload
+    assert cfg.sampling.flow_reverse and cfg.sampling.seed == 42 and cfg.runtime.offload_mode == "block"
     assert (cfg.sampling.height, cfg.sampling.width) == (720, 1280)
     assert config.parse_args(["--no-flow-reverse"]).sampling.flow_reverse is False
     assert config.parse_args(["--no-vae-tiling"]).model.vae_tiling is False

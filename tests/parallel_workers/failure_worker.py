@@ -35,7 +35,7 @@ def work(runtime: RuntimeConfig) -> None:
 def main() -> int:
     env = launch_env()
     runtime = RuntimeConfig(
-        save_path=Path("."), disable_autocast=False, use_cpu_offload=False, offload_mode="none",
+        save_path=Path("."), disable_autocast=False, offload_mode="none",
         plan_memory=None, ulysses_degree=1,
         ring_degree=env.world_size, crf=17, save_latents=False, decode_latents=None,
         rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
