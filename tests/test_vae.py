@@ -15,8 +15,10 @@ from safetensors.torch import save_file
 from hyvideo.vae import AutoencoderKLCausal3D, TileGeometry, VAEConfig, load_vae
 from hyvideo.vae.tiling import blend_into
 from hyvideo.vae.unet_causal_3d_blocks import (
+    CausalConv3d,
     GroupNorm32,
     block_causal_attention,
+    needs_fp32_strided_conv,
     prepare_causal_attention_mask,
     upsample_nearest_first_frame_separately,
 )
@@ -318,6 +320,58 @@ def test_low_precision_weights_follow_fp32(models, dtype):
     assert moments.dtype == video.dtype == dtype
     assert rel_err(moments, ours.encode(x).parameters) <= 0.05
     assert rel_err(video, ours.decode(z)) <= 0.1
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+# The shape of the upstream failure: 32 channels, 3 frames, 5 x 1 pixels, padded by the causal conv.
+NARROW_INPUTS = [(1, 32, 3, 5, 1), (1, 32, 3, 2, 2), (2, 16, 5, 1, 6), (1, 32, 4, 12, 10)]
+
+
+@pytest.mark.skipif(not _cpu_has_amx(), reason="the upstream bf16 strided Conv3d bug shows only on AMX CPUs")
+@torch.no_grad()
+def test_raw_cpu_bf16_strided_conv3d_is_wrong_on_this_cpu():
+    # Documents why the workaround exists: the raw kernel, fed what the VAE's downsampler feeds it.
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(32, 32, 3, stride=(2, 2, 2))
+    x = F.pad(torch.randn(1, 32, 3, 5, 1), (1, 1, 1, 1, 2, 0), mode="replicate")
+    expected = conv(x)
+    raw = conv.to(torch.bfloat16)(x.to(torch.bfloat16)).float()
+    assert not (rel_err(raw, expected) <= 0.1)  # NaN counts as wrong too
+
+
+@pytest.mark.parametrize("shape", NARROW_INPUTS)
+@pytest.mark.parametrize("stride", [(1, 2, 2), (2, 2, 2)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_strided_causal_conv_is_right_in_low_precision_on_cpu(shape, stride, dtype):
+    torch.manual_seed(0)
+    conv = CausalConv3d(shape[1], shape[1], 3, stride=stride)
+    x = torch.randn(shape)
+    expected = conv(x)
+    low = CausalConv3d(shape[1], shape[1], 3, stride=stride).to(dtype)
+    low.load_state_dict(conv.state_dict())
+    out = low(x.to(dtype))
+    assert out.dtype == dtype and out.shape == expected.shape
+    # Inputs and weights rounded to 8 (bf16) / 11 (fp16) mantissa bits: per-element errors of ~2^-9 that
+    # average over 27*C products, so 2 % of the output's max is far above rounding and far below the
+    # upstream bug (rel ~1.7 or NaN).
+    assert rel_err(out.float(), expected) <= 0.02
+
+
+def test_fp32_route_only_for_cpu_low_precision_strided_convs():
+    strided, plain = torch.nn.Conv3d(4, 4, 3, stride=2), torch.nn.Conv3d(4, 4, 3)
+    bf16, fp32 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
+    assert needs_fp32_strided_conv(bf16, strided)
+    assert needs_fp32_strided_conv(bf16.half(), strided)
+    assert not needs_fp32_strided_conv(fp32, strided)
+    assert not needs_fp32_strided_conv(bf16, plain)
+    assert not needs_fp32_strided_conv(torch.zeros(1, dtype=torch.bfloat16, device="meta"), strided)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -108,7 +108,29 @@ class CausalConv3d(nn.Module):
         if any(self.padding):
             # Parity: replicate (not zero) padding, including H and W; two copies of frame 0 in front.
             x = F.pad(x, self.padding, mode="replicate")
+        if needs_fp32_strided_conv(x, self.conv):
+            return conv3d_in_float32(self.conv, x)
         return self.conv(x)
+
+
+def needs_fp32_strided_conv(x: torch.Tensor, conv: nn.Conv3d) -> bool:
+    """True where torch's CPU low-precision strided Conv3d kernel can return wrong values."""
+    # Workaround: on CPUs with AMX (oneDNN's AMX bf16/fp16 path, torch 2.13.0+cpu), a Conv3d with stride > 1
+    # over an input only 1-2 pixels wide returns garbage (rel error ~1.7 vs fp32, sometimes NaN); stride 1
+    # and wider inputs are fine. The VAE's downsamplers hit it on small tiles. Only CPU low-precision
+    # strided convs take the float32 route, so GPU paths and fp32 are untouched.
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and any(s > 1 for s in conv.stride)
+    )
+
+
+def conv3d_in_float32(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) computed in float32 and cast back to x's dtype (weights cast per call, not stored)."""
+    bias = None if conv.bias is None else conv.bias.float()
+    out = F.conv3d(x.float(), conv.weight.float(), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return out.to(x.dtype)
 
 
 class ResnetBlockCausal3D(nn.Module):
