@@ -23,7 +23,7 @@ from hyvideo.constants import (
     VAE_TYPES,
     DiTConfig,
 )
-from hyvideo.offload import OFFLOAD_MODES
+from hyvideo.lowmem.offload import OFFLOAD_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class RuntimeConfig:
 
     save_path: Path
     disable_autocast: bool
-    offload_mode: str  # "none", "model", "block" or "sequential" (see hyvideo/offload.py)
+    offload_mode: str  # "none", "model", "block" or "sequential" (see hyvideo/lowmem/offload.py)
     plan_memory: float | None  # --plan-memory: print the memory plan (for a card of this many GiB) and exit
     ulysses_degree: int
     ring_degree: int

@@ -114,7 +114,7 @@ class Inference:
     def __init__(self, *, transformer, vae, text_encoder, text_encoder_2, model_config: ModelConfig,
                  device: torch.device, parallel: SequenceParallelState | None = None, offload=None):
         self.transformer, self.vae = transformer, vae
-        self.offload = offload  # hyvideo.offload.OffloadPlan, or None when everything is resident
+        self.offload = offload  # hyvideo.lowmem.offload.OffloadPlan, or None when everything is resident
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.model_config, self.device = model_config, device
         self.parallel = parallel if parallel is not None and parallel.enabled else None
@@ -151,7 +151,7 @@ class Inference:
         }
         offload = None
         if offload_mode != "none":
-            from hyvideo.offload import apply_offload
+            from hyvideo.lowmem.offload import apply_offload
 
             offload = apply_offload(components, mode=offload_mode, device=device)
         logger.info("Models loaded in %.1f s", time.perf_counter() - started)

@@ -77,7 +77,7 @@ def _work(configs: Configs, save_dir: Path) -> None:
 
 def memory_plan_report(configs: Configs) -> str:
     """--plan-memory: the estimated peak memory of this command, and what would fit the given card."""
-    from hyvideo.memory_plan import estimate_peak_memory, format_plan, plan_for_card
+    from hyvideo.lowmem.memory_plan import estimate_peak_memory, format_plan, plan_for_card
 
     cfg, sampling = configs.model, configs.sampling
     estimate = estimate_peak_memory(

@@ -188,9 +188,9 @@ def place_dit(model: nn.Module, impl: str, spec: dict, device: torch.device) -> 
     mode = spec["offload"]
     if mode != "none" and impl == "ours":
         try:
-            from hyvideo.offload import enable_block_offload, enable_sequential_offload
+            from hyvideo.lowmem.offload import enable_block_offload, enable_sequential_offload
         except ImportError as err:
-            raise SystemExit(f"offload mode {mode!r} skipped: hyvideo.offload is not ready ({err})") from err
+            raise SystemExit(f"offload mode {mode!r} skipped: hyvideo.lowmem.offload is not ready ({err})") from err
         pin = device.type != "cpu"
         if mode == "block":
             enable_block_offload(model, onload_device=device, prefetch=1, pin_memory=pin)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hyvideo.constants import DiTConfig  # noqa: E402
 from hyvideo.modules import HYVideoDiffusionTransformer  # noqa: E402
-from hyvideo.offload import BlockOffloader  # noqa: E402
+from hyvideo.lowmem.offload import BlockOffloader  # noqa: E402
 
 # name -> (DiT config, latent (C, T, H, W), text tokens)
 SIZES = {

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hyvideo.constants import HUNYUAN_VIDEO_CONFIG, DiTConfig
-from hyvideo.memory_plan import (
+from hyvideo.lowmem.memory_plan import (
     GIB,
     LLAVA_LLAMA3_8B,
     DiTSizes,
@@ -32,7 +32,7 @@ def original(height: int, width: int, **kw):
 # Published (README): 60 GB at 720x1280x129 and 45 GB at 544x960x129. Our estimates: 55.1 and 42.0 GiB, i.e.
 # -8.2% and -6.7% if the README means GiB, -1.4% and +0.2% if it means 10^9 bytes. Both points are dominated
 # by denoising (DiT weights 23.9 GiB + activations); the activation term carries a x2 calibration factor over
-# a live-tensor count (see hyvideo/memory_plan.py); without it the estimates would be 40.1 and 36.2 GiB
+# a live-tensor count (see hyvideo/lowmem/memory_plan.py); without it the estimates would be 40.1 and 36.2 GiB
 # (-33%, -20%; the 544p peak would then be the tiled decode with the DiT still resident).
 @pytest.mark.parametrize("height,width,published", [(720, 1280, 60.0), (544, 960, 45.0)])
 def test_calibrated_to_published_peaks(height, width, published):

@@ -16,7 +16,7 @@ from torch import nn
 
 from hyvideo.constants import DiTConfig
 from hyvideo.modules import HYVideoDiffusionTransformer
-from hyvideo.offload import (
+from hyvideo.lowmem.offload import (
     DIT_BLOCKS,
     OFFLOAD_MODES,
     BlockOffloader,

@@ -12,7 +12,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from hyvideo.constants import NEGATIVE_PROMPT
-from hyvideo.offload import OffloadPlan
+from hyvideo.lowmem.offload import OffloadPlan
 from hyvideo.parallel.groups import SequenceParallelState, broadcast_from_main
 from hyvideo.parallel.vae_decode import parallel_vae_decode
 

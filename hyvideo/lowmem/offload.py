@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hyvideo.block_offload import (  # noqa: F401 - re-exported: the offload API lives in one namespace
+from hyvideo.lowmem.block_offload import (  # noqa: F401 - re-exported: the offload API lives in one namespace
     DIT_BLOCKS,
     GRANULARITIES,
     BlockOffloader,

@@ -5,7 +5,7 @@ constants. They are estimates. The DiT activation term is scaled by a factor cal
 published peaks (README: 60 GB at 720x1280x129 and 45 GB at 544x960x129, both with its `--use-cpu-offload`,
 bf16 and the tiled VAE); see `RESERVED_PER_ALLOCATED` and tests/test_memory_plan.py for how close that is.
 
-Stages and what is on the accelerator during each, per offload mode (hyvideo.offload.OFFLOAD_MODES):
+Stages and what is on the accelerator during each, per offload mode (hyvideo.lowmem.offload.OFFLOAD_MODES):
 
 | mode       | encode (text)            | denoise (DiT)                    | decode (VAE)           |
 |------------|--------------------------|----------------------------------|------------------------|
@@ -23,9 +23,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .constants import HUNYUAN_VIDEO_CONFIG, PRECISIONS, DiTConfig
-from .offload import OFFLOAD_MODES
-from .utils.data_utils import align_to
+from hyvideo.constants import HUNYUAN_VIDEO_CONFIG, PRECISIONS, DiTConfig
+from hyvideo.lowmem.offload import OFFLOAD_MODES
+from hyvideo.utils.data_utils import align_to
 
 GIB = 1 << 30
 _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -240,7 +240,7 @@ def estimate_peak_memory(
     Args:
         height, width: pixels (rounded up to multiples of 16 as the sampler does). video_length: 1 or 4k+1.
         precision: DiT weights and compute dtype. use_fp8: fp8 block linear weights (`--use-fp8`).
-        offload_mode: one of OFFLOAD_MODES (see hyvideo.offload.apply_offload).
+        offload_mode: one of OFFLOAD_MODES (see hyvideo.lowmem.offload.apply_offload).
         cfg_scale: > 1 runs real classifier-free guidance, doubling the DiT batch.
         vae_tiling: tiled decoding (the default); untiled needs the whole video's decoder activations.
         text_len: LLM tokens given to the DiT. batch_size: videos denoised together.

@@ -1,7 +1,7 @@
 """Block-level and sequential offload: the repeated blocks of a model wait in page-locked host memory and
 are copied to the accelerator just before they run (the next one on a side stream), then dropped.
 
-The stage-level API that combines this with whole-model moves is `hyvideo.offload`.
+The stage-level API that combines this with whole-model moves is `hyvideo.lowmem.offload`.
 """
 
 from __future__ import annotations

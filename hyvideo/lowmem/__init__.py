@@ -1,0 +1,1 @@
+"""Running on smaller cards: stage-level model moves, DiT block streaming and the peak-memory plan."""
