@@ -8,6 +8,7 @@ them) instead of leaving the others waiting.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -19,6 +20,7 @@ import torch
 
 from hyvideo.config import Configs, RuntimeConfig
 from hyvideo.constants import PRECISION_TO_TYPE
+from hyvideo.prompt_rewrite import RewriteConfig, RewriteError, RewriteResult
 from hyvideo.utils.file_utils import (
     check_writable_dir,
     load_latents,
@@ -105,6 +107,8 @@ def _setup_logging(runtime: RuntimeConfig) -> None:
 
 def _report_user_error(exc: BaseException, runtime: RuntimeConfig, *, every_rank: bool) -> int:
     logger.debug("details", exc_info=True)
+    if getattr(exc, "main_rank_reports", False):  # the same failure, decided on rank 0 for every rank
+        every_rank = runtime.rank == 0
     if every_rank or runtime.local_rank == 0:
         tag = f"[rank {runtime.rank}] " if every_rank and runtime.world_size > 1 else ""
         print(f"sample_video.py: error: {tag}{exc}", file=sys.stderr, flush=True)
@@ -141,10 +145,16 @@ def _sample(configs: Configs, save_dir: Path, state) -> None:
     from hyvideo.inference import HunyuanVideoSampler, agree_seed
 
     sampling = configs.sampling
+    # A rewrite server is asked before minutes of model loading; the local LLM needs the models first.
+    rewrites = rewrite_prompts_for_run(configs, state) if configs.rewrite.uses_endpoint else None
     sampler = HunyuanVideoSampler.from_pretrained(configs, parallel=state,
                                                   use_autocast=not configs.runtime.disable_autocast)
+    if configs.rewrite.enabled and rewrites is None:
+        rewrites = rewrite_prompts_for_run(configs, state, sampler=sampler)
     seed = agree_seed(sampling.seed, state)  # one seed for the whole run, the same on every rank
     for index, prompt in enumerate(sampling.prompts):
+        rewrite = rewrites[index] if rewrites is not None else None
+        prompt = rewrite.rewritten if rewrite is not None else prompt
         logger.info("Prompt %d/%d: %s", index + 1, len(sampling.prompts), prompt)
         out = sampler.predict(
             prompt, height=sampling.height, width=sampling.width, video_length=sampling.video_length,
@@ -156,18 +166,83 @@ def _sample(configs: Configs, save_dir: Path, state) -> None:
             enable_tiling=configs.model.vae_tiling,
         )
         if state.is_main:  # every rank holds the same videos; one writes them
-            save_outputs(out, configs, save_dir)
+            save_outputs(out, configs, save_dir, rewrite=rewrite)
 
 
-def save_outputs(out, configs: Configs, save_dir: Path) -> list[Path]:
-    """One mp4 per video, each with a JSON sidecar (and latents with --save-latents)."""
+def rewrite_prompts_for_run(configs: Configs, state, *, sampler=None) -> list[RewriteResult]:
+    """--prompt-rewrite: every prompt rewritten once, before any is encoded or any file is written.
+
+    Rank 0 rewrites (with the server, or with `sampler`'s LLM text encoder when there is no endpoint) and
+    sends the texts, or its one-line failure, to the other ranks, so all ranks encode the same prompts.
+    """
+    from hyvideo.prompt_rewrite import rewrite_prompts
+
+    rewrite = configs.rewrite
+    payload: tuple[str, object] = ("pending", None)
+    if state.is_main:
+        try:
+            backend = _rewrite_backend(rewrite, configs, sampler)
+            with sampler.pipeline.stage("text_encoder") if sampler is not None else contextlib.nullcontext():
+                results = rewrite_prompts(configs.sampling.prompts, rewrite.mode, backend,
+                                          fallback=rewrite.fallback)
+            payload = ("ok", results)
+        except RewriteError as exc:
+            payload = ("error", str(exc))
+    status, value = _share_from_main(payload, state)
+    if status == "error":
+        error = RewriteError(value)
+        error.main_rank_reports = True  # one line from rank 0, not one per rank
+        raise error
+    return value
+
+
+def _rewrite_backend(rewrite: RewriteConfig, configs: Configs, sampler):
+    from hyvideo.prompt_rewrite import (
+        DEFAULT_LOCAL_MAX_NEW_TOKENS,
+        ChatCompletionsBackend,
+        LocalLLMBackend,
+        UnavailableBackend,
+        load_lm_head,
+    )
+
+    if rewrite.uses_endpoint:
+        return ChatCompletionsBackend(endpoint=rewrite.endpoint, model=rewrite.model, api_key=rewrite.api_key,
+                                      timeout_s=rewrite.timeout_s, retries=rewrite.retries,
+                                      max_tokens=rewrite.max_tokens)
+    llm, device = sampler.text_encoder, sampler.pipeline.device
+    try:
+        lm_head = load_lm_head(configs.model.text_encoder_path, dtype=llm.dtype, device=device)
+    except RewriteError as exc:
+        return UnavailableBackend(name=LocalLLMBackend.name, error=exc)
+    return LocalLLMBackend(text_encoder=llm, lm_head=lm_head, device=device,
+                           max_new_tokens=rewrite.max_tokens or DEFAULT_LOCAL_MAX_NEW_TOKENS)
+
+
+def _share_from_main(payload, state):
+    """Rank 0's picklable `payload` on every rank (unchanged in one process)."""
+    if not state.enabled:
+        return payload
+    import torch.distributed as dist
+
+    box = [payload]
+    dist.broadcast_object_list(box, src=0, device=state.comm_device)
+    return box[0]
+
+
+def save_outputs(out, configs: Configs, save_dir: Path, *, rewrite: RewriteResult | None = None) -> list[Path]:
+    """One mp4 per video, each with a JSON sidecar (and latents with --save-latents).
+
+    With a prompt rewrite, `out.prompt` is the rewritten prompt (the one encoded); the file is named after
+    the user's prompt and the sidecar records both under "prompt_rewrite".
+    """
     time_flag = make_time_flag()
     written = []
+    extra = {"prompt_rewrite": rewrite.as_record()} if rewrite is not None else {}
     for i, seed in enumerate(out.seeds):
-        stem = safe_filename(out.prompt, seed=seed, time_flag=time_flag)
+        stem = safe_filename(rewrite.original if rewrite else out.prompt, seed=seed, time_flag=time_flag)
         path = unique_path(save_dir, stem, ".mp4", sibling_suffixes=(".json", ".safetensors"))
         record = run_record(configs, prompt=out.prompt, negative_prompt=out.negative_prompt, seed=seed,
-                            size=out.size, timings=out.timings)
+                            size=out.size, timings=out.timings, **extra)
         if configs.runtime.save_latents:
             record["latents_file"] = path.with_suffix(".safetensors").name
             save_latents(path.with_suffix(".safetensors"), out.latents[i : i + 1], record)
@@ -185,10 +260,17 @@ def run_record(configs: Configs, **facts) -> dict:
 
     return {
         **facts,
-        "settings": dataclasses.asdict(configs),
+        "settings": settings_record(configs),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "diffusers": diffusers.__version__, "python": sys.version.split()[0]},
     }
+
+
+def settings_record(configs: Configs) -> dict:
+    """Every setting as a dict for the sidecar, without secrets (the rewrite API key)."""
+    settings = dataclasses.asdict(configs)
+    settings.get("rewrite", {}).pop("api_key", None)
+    return settings
 
 
 def decode_saved_latents(
@@ -214,6 +296,6 @@ def decode_saved_latents(
     path = unique_path(save_dir, f"{latents_path.stem}_decoded", ".mp4", sibling_suffixes=(".json",))
     save_video(video[0], path, fps=FPS, crf=configs.runtime.crf)
     write_sidecar(path, {**record, "decoded_from": str(latents_path),
-                         "decode_settings": dataclasses.asdict(configs)})
+                         "decode_settings": settings_record(configs)})
     logger.info("Decoded video saved to: %s", path)
     return path
