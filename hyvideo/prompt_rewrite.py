@@ -234,7 +234,7 @@ def clean_rewrite(answer: str) -> str:
 def _strip_quote_pair(text: str) -> str:
     """Remove one pair of quotes (or bold markers) around the whole text, not around a quoted word in it."""
     for left, right in _QUOTE_PAIRS:
-        if len(text) <= len(left) + len(right) or not (text.startswith(left) and text.endswith(right)):
+        if len(text) < len(left) + len(right) or not (text.startswith(left) and text.endswith(right)):
             continue
         inner = text[len(left): len(text) - len(right)]
         if left not in inner and right not in inner:
