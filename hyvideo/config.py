@@ -391,9 +391,11 @@ def _add_rewrite_args(parser: argparse.ArgumentParser) -> None:
                        help="Extra tries (1 s, 2 s, 4 s ... apart) when the server is unreachable, times out "
                             "or answers 429/5xx (default 2).")
     group.add_argument("--rewrite-max-tokens", type=int, default=None,
-                       help="Longest rewrite in tokens (default: the server's limit; 256 with the local LLM).")
+                       help="Longest rewrite in tokens (default: the server's limit; 256 with the local "
+                            "LLM).")
     group.add_argument("--rewrite-fallback", action="store_true",
-                       help="If rewriting fails, warn and continue with the original prompt (default: exit 2).")
+                       help="If rewriting fails, warn and continue with the original prompt (default: "
+                            "exit 2).")
 
 
 def rewrite_validation_errors(args: argparse.Namespace) -> list[str]:

@@ -16,6 +16,7 @@ Interface: `rewrite_prompt(prompt, mode, backend) -> RewriteResult`; `rewrite_pr
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
@@ -131,7 +132,7 @@ class RewriteBackend(Protocol):
 
 @dataclass
 class UnavailableBackend:
-    """A back end that could not be set up: every rewrite fails with its error (so --rewrite-fallback applies)."""
+    """A back end that could not be set up: every rewrite raises its error (for --rewrite-fallback)."""
 
     name: str
     error: RewriteError
@@ -193,7 +194,9 @@ _LABEL = re.compile(  # "Rewritten prompt:", "**Enhanced Prompt:**", "Prompt -",
     r"(?:prompt|description|video description|caption|version|output|answer|result)\s*\**\s*[:：\-]\s*\**\s*",
     re.IGNORECASE,
 )
-_TRAILING_NOTE = re.compile(r"\n\s*\n\s*\(?\**(?:note|notes|explanation|changes)\b.*$", re.IGNORECASE | re.DOTALL)
+_TRAILING_NOTE = re.compile(  # a last paragraph "Note: I kept ..." / "(Explanation: ...)"
+    r"\n\s*\n\s*\(?\**(?:note|notes|explanation|changes)\b.*$", re.IGNORECASE | re.DOTALL
+)
 _QUOTE_PAIRS = (('"', '"'), ("'", "'"), ("“", "”"), ("‘", "’"), ("«", "»"), ("「", "」"), ("『", "』"),
                 ("`", "`"), ("**", "**"), ("*", "*"))
 
@@ -327,7 +330,8 @@ class ChatCompletionsBackend:
             return _Retryable(f"{self.url} answered HTTP {exc.code}{detail}")
         hint = {401: f"set the API key in ${API_KEY_ENV_VARS[0]} (or ${API_KEY_ENV_VARS[1]})",
                 403: f"check the API key in ${API_KEY_ENV_VARS[0]}",
-                404: "check --rewrite-endpoint (the server's base URL) and --rewrite-model (a model it serves)"}
+                404: "check --rewrite-endpoint (the server's base URL) and --rewrite-model (a model it "
+                     "serves)"}
         fix = hint.get(exc.code, "check --rewrite-endpoint and --rewrite-model")
         return RewriteError(f"prompt rewrite: {self.url} answered HTTP {exc.code}{detail}: {fix}; "
                             f"{FALLBACK_HINT}")
@@ -338,8 +342,9 @@ class ChatCompletionsBackend:
             content = reply["choices"][0]["message"]["content"]
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, TypeError):
             start = raw[:60].decode("utf-8", errors="replace")
-            raise RewriteError(f"prompt rewrite: {self.url} did not answer with a chat completion (the answer "
-                               f"began {start!r}): is it an OpenAI-compatible server?; {FALLBACK_HINT}") from None
+            raise RewriteError(f"prompt rewrite: {self.url} did not answer with a chat completion (the "
+                               f"answer began {start!r}): is it an OpenAI-compatible server?; "
+                               f"{FALLBACK_HINT}") from None
         if not isinstance(content, str):
             raise RewriteError(f"prompt rewrite: {self.url} answered a message without text content; "
                                f"{FALLBACK_HINT}")
@@ -456,12 +461,15 @@ def greedy_generate(model, lm_head, input_ids, *, max_new_tokens: int, stop_ids:
     """
     import torch
 
+    # transformers 5.x renamed `past_key_values` to `cache` (the old name warns until it is removed).
+    cache_keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     generated: list[int] = []
     step_ids, cache = input_ids, None
     with torch.inference_mode():
         for _ in range(max_new_tokens):
-            out = model(input_ids=step_ids, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            past = {cache_keyword: cache} if cache is not None else {}
+            out = model(input_ids=step_ids, use_cache=True, **past)
+            cache = getattr(out, cache_keyword)  # (the KV cache, grown by this step)
             next_id = int(lm_head(out.last_hidden_state[:, -1]).argmax(dim=-1)[0])  # (1, V) -> token
             if next_id in stop_ids:
                 break

@@ -229,7 +229,9 @@ def _share_from_main(payload, state):
     return box[0]
 
 
-def save_outputs(out, configs: Configs, save_dir: Path, *, rewrite: RewriteResult | None = None) -> list[Path]:
+def save_outputs(
+    out, configs: Configs, save_dir: Path, *, rewrite: RewriteResult | None = None
+) -> list[Path]:
     """One mp4 per video, each with a JSON sidecar (and latents with --save-latents).
 
     With a prompt rewrite, `out.prompt` is the rewritten prompt (the one encoded); the file is named after

@@ -55,7 +55,8 @@ def test_clean_rewrite_real_world_answers(answer):
 def test_clean_rewrite_keeps_inner_quotes_and_words_that_look_like_labels():
     text = 'A neon sign reading "OPEN" flickers at night; the prompt: cinematic.'
     assert clean_rewrite(text) == text
-    assert clean_rewrite("A description of a foggy harbour at dawn.") == "A description of a foggy harbour at dawn."
+    harbour = "A description of a foggy harbour at dawn."
+    assert clean_rewrite(harbour) == harbour
 
 
 @pytest.mark.parametrize("answer", ["", "   ", '""', "<think>The user wants a cat so I will", "```\n```",
@@ -71,7 +72,8 @@ def test_instructions_state_the_rules():
         assert "style word" in text and "rewritten prompt alone" in text
     assert "aesthetic" in MASTER_INSTRUCTIONS and "aesthetic" not in NORMAL_INSTRUCTIONS
     messages = chat_messages("  一只猫  ", "master")
-    assert messages == [{"role": "system", "content": MASTER_INSTRUCTIONS}, {"role": "user", "content": "一只猫"}]
+    assert messages == [{"role": "system", "content": MASTER_INSTRUCTIONS},
+                        {"role": "user", "content": "一只猫"}]
     with pytest.raises(ValueError, match="unknown rewrite mode"):
         chat_messages("x", "fancy")
 
@@ -216,11 +218,13 @@ def test_local_chat_uses_the_llama3_template(tiny_llm):
     ids = encode_chat(llm.tokenizer, messages)[0].tolist()
     text = llm.tokenizer.decode(ids)
     assert ids[0] == llm.tokenizer.bos_token_id and ids.count(llm.tokenizer.bos_token_id) == 1
-    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou rewrite prompts")
+    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+                           "You rewrite prompts")
     assert text.endswith("<|start_header_id|>user<|end_header_id|>\n\na red ball<|eot_id|>"
                          "<|start_header_id|>assistant<|end_header_id|>\n\n")
     # A tokenizer that carries its own chat template is used as it is.
-    llm.tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+    llm.tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}"
+                                   "{% endfor %}")
     try:
         own = llm.tokenizer.decode(encode_chat(llm.tokenizer, messages)[0])
     finally:
@@ -246,8 +250,8 @@ def test_local_greedy_generation_matches_transformers_generate(tiny_llm):
 
 def test_local_backend_bounded_and_cleaned(tiny_llm, caplog):
     folder, llm = tiny_llm
-    backend = LocalLLMBackend(text_encoder=llm, lm_head=load_lm_head(folder, dtype=torch.float32, device="cpu"),
-                              device=torch.device("cpu"), max_new_tokens=5)
+    head = load_lm_head(folder, dtype=torch.float32, device="cpu")
+    backend = LocalLLMBackend(text_encoder=llm, lm_head=head, device=torch.device("cpu"), max_new_tokens=5)
     result = rewrite_prompt("a red ball", "normal", backend)
     # Random weights: gibberish, but at most 5 tokens, stripped to one line, and not the prompt itself.
     assert 0 < len(llm.tokenizer(result.rewritten, add_special_tokens=False)["input_ids"]) <= 5 + 2

@@ -1,4 +1,4 @@
-"""sample_video.py --prompt-rewrite end to end on the tiny tree, against a chat-completions server on 127.0.0.1."""
+"""sample_video.py --prompt-rewrite end to end on the tiny tree, with a chat server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def test_endpoint_rewrite_reaches_encoder_and_sidecar(tiny_tree, tmp_path, capsy
     with FakeChatServer() as server, caplog.at_level("INFO"):
         code, err = run(["--model-base", str(tiny_tree), "--prompt-file", str(prompts), "--seed", "7",
                          "--save-path", str(out), "--save-latents", "--prompt-rewrite", "master",
-                         "--rewrite-endpoint", server.url, "--rewrite-model", "tiny-rewriter", *SMALL], capsys)
+                         "--rewrite-endpoint", server.url, "--rewrite-model", "tiny-rewriter", *SMALL],
+                        capsys)
     assert code == 0, err
     # What we sent: one request per line, the Master instructions, the user's prompt, the model name, the key.
     assert [r["body"]["messages"][1]["content"] for r in server.requests] == ["a cat", "一只狗在雪地里奔跑"]
@@ -62,7 +63,8 @@ def test_endpoint_rewrite_reaches_encoder_and_sidecar(tiny_tree, tmp_path, capsy
     assert cat["prompt_rewrite"]["mode"] == "master" and "tiny-rewriter" in cat["prompt_rewrite"]["backend"]
     assert f"Prompt 1/2: {wanted}" in caplog.text  # the log shows the encoded prompt
     assert all("sk-secret-123" not in p.read_text(encoding="utf-8") for p in out.glob("*.json"))
-    assert any(p.name.endswith("_seed7_a cat.mp4") for p in out.glob("*.mp4"))  # named after the user's prompt
+    # Files are named after the user's prompt.
+    assert any(p.name.endswith("_seed7_a cat.mp4") for p in out.glob("*.mp4"))
     # The encoder got the rewritten text: the same latents as asking for it directly.
     direct = tmp_path / "direct"
     code, err = run(["--model-base", str(tiny_tree), "--prompt", wanted, "--seed", "7", "--save-path",
@@ -90,8 +92,9 @@ def test_slow_server_times_out(tiny_tree, tmp_path, capsys):
     out = tmp_path / "never"
     with FakeChatServer(delay_s=1.5) as server:
         code, err = run(["--model-base", str(tiny_tree), "--prompt", "a cat", "--save-path", str(out),
-                         "--prompt-rewrite", "normal", "--rewrite-endpoint", server.url, "--rewrite-model", "m",
-                         "--rewrite-timeout", "0.3", "--rewrite-retries", "0", *SMALL], capsys)
+                         "--prompt-rewrite", "normal", "--rewrite-endpoint", server.url,
+                         "--rewrite-model", "m", "--rewrite-timeout", "0.3", "--rewrite-retries", "0", *SMALL],
+                        capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "did not answer within 0.3 s" in err and "--rewrite-timeout" in err
     assert files(out) == []
