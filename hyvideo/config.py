@@ -425,9 +425,7 @@ def rewrite_validation_errors(args: argparse.Namespace) -> list[str]:
 
 
 def rewrite_config_from_args(args: argparse.Namespace) -> RewriteConfig:
-    """The rewrite settings; the API key comes from the environment only (never from a flag)."""
-    if args.prompt_rewrite is None:
-        return RewriteConfig()
+    """The rewrite settings (mode None: off); the API key comes from the environment only, never a flag."""
     key_env = next((name for name in API_KEY_ENV_VARS if os.environ.get(name, "").strip()), None)
     return RewriteConfig(
         mode=args.prompt_rewrite, endpoint=args.rewrite_endpoint.strip() if args.rewrite_endpoint else None,
