@@ -9,6 +9,7 @@ them) instead of leaving the others waiting.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -144,6 +145,7 @@ def _sample(configs: Configs, save_dir: Path, state) -> None:
     sampler = HunyuanVideoSampler.from_pretrained(configs, parallel=state,
                                                   use_autocast=not configs.runtime.disable_autocast)
     seed = agree_seed(sampling.seed, state)  # one seed for the whole run, the same on every rank
+    calibrations = []
     for index, prompt in enumerate(sampling.prompts):
         logger.info("Prompt %d/%d: %s", index + 1, len(sampling.prompts), prompt)
         out = sampler.predict(
@@ -153,10 +155,27 @@ def _sample(configs: Configs, save_dir: Path, state) -> None:
             flow_reverse=sampling.flow_reverse, embedded_guidance_scale=sampling.embedded_cfg_scale
             if sampler.transformer.config.guidance_embed else None,
             num_videos_per_prompt=sampling.num_videos * sampling.batch_size,
-            enable_tiling=configs.model.vae_tiling,
+            enable_tiling=configs.model.vae_tiling, cache=configs.cache,
         )
         if state.is_main:  # every rank holds the same videos; one writes them
             save_outputs(out, configs, save_dir)
+            calibrations.append(out.step_cache)
+    if state.is_main and configs.cache.calibrate:
+        report_calibration(calibrations, configs)
+
+
+def report_calibration(summaries: list[dict], configs: Configs) -> None:
+    """--cache-calibrate: print the measured MagCache ratios (mean over the prompts); write them as JSON."""
+    runs = [s["measured_mag_ratios"] for s in summaries]
+    ratios = [round(sum(values) / len(runs), 5) for values in zip(*runs, strict=True)]
+    sampling = configs.sampling
+    payload = {"mag_ratios": ratios, "num_steps": len(ratios), "prompts": len(runs),
+               "size": [sampling.height, sampling.width, sampling.video_length]}
+    print(f"MagCache ratios for {sampling.height}x{sampling.width}x{sampling.video_length}, "
+          f"{len(ratios)} steps (mean over {len(runs)} prompt(s)): {json.dumps(ratios)}")
+    if configs.cache.calibrate_path:
+        path = write_sidecar(configs.cache.calibrate_path, payload, overwrite=True)  # atomic JSON
+        logger.info("MagCache ratios written to %s (use with --cache magcache --cache-ratios %s)", path, path)
 
 
 def save_outputs(out, configs: Configs, save_dir: Path) -> list[Path]:
@@ -166,8 +185,9 @@ def save_outputs(out, configs: Configs, save_dir: Path) -> list[Path]:
     for i, seed in enumerate(out.seeds):
         stem = safe_filename(out.prompt, seed=seed, time_flag=time_flag)
         path = unique_path(save_dir, stem, ".mp4", sibling_suffixes=(".json", ".safetensors"))
+        facts = {"step_cache": out.step_cache} if getattr(out, "step_cache", None) else {}
         record = run_record(configs, prompt=out.prompt, negative_prompt=out.negative_prompt, seed=seed,
-                            size=out.size, timings=out.timings)
+                            size=out.size, timings=out.timings, **facts)
         if configs.runtime.save_latents:
             record["latents_file"] = path.with_suffix(".safetensors").name
             save_latents(path.with_suffix(".safetensors"), out.latents[i : i + 1], record)
