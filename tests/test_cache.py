@@ -330,3 +330,40 @@ def test_ratios_file_errors(tmp_path, content, needle):
         load_ratios_file(path)
     path.write_text("[1, 1.5]", encoding="utf-8")
     assert load_ratios_file(path) == (1.0, 1.5) and math.isclose(sum(load_ratios_file(path)), 2.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end: sample_video.py on the tiny checkpoint tree
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cli_threshold_zero_is_byte_identical_and_sidecar_records_the_cache(tmp_path, capsys):
+    import sample_video
+    from hyvideo.testing.tiny import write_tiny_checkpoints
+
+    tree = write_tiny_checkpoints(tmp_path / "ckpts")
+    small = ["--model-base", str(tree), "--prompt", "a boat", "--seed", "5", "--video-size", "32", "48",
+             "--video-length", "1", "--infer-steps", "3", "--precision", "fp32", "--vae-precision", "fp32"]
+    ratios = tmp_path / "ratios.json"
+    runs = {"none": [], "calibrate": ["--cache-calibrate", str(ratios)],
+            "magcache": ["--cache", "magcache", "--cache-threshold", "0", "--cache-ratios", str(ratios)],
+            "teacache": ["--cache", "teacache", "--cache-threshold", "0"],
+            "fbcache": ["--cache", "fbcache", "--cache-threshold", "0"]}
+    videos, sidecars = {}, {}
+    for name, flags in runs.items():  # in order: the calibration file is written before magcache reads it
+        assert sample_video.main([*small, "--save-path", str(tmp_path / name), *flags]) == 0
+        (video,) = (tmp_path / name).glob("*.mp4")
+        videos[name] = video.read_bytes()
+        sidecars[name] = json.loads(video.with_suffix(".json").read_text(encoding="utf-8"))
+    printed = capsys.readouterr().out
+    assert all(v == videos["none"] for v in videos.values())
+    assert "step_cache" not in sidecars["none"]
+    for name in ("magcache", "teacache", "fbcache"):
+        record = sidecars[name]["step_cache"]
+        assert record["policy"] == name and record["threshold"] == 0.0 and record["computed_steps"] == [0, 1, 2]
+    assert sidecars["magcache"]["step_cache"]["ratios"] == str(ratios)
+    measured = json.loads(ratios.read_text(encoding="utf-8"))
+    assert len(measured["mag_ratios"]) == 3 and measured["mag_ratios"][0] == 1.0
+    assert sidecars["calibrate"]["step_cache"]["measured_mag_ratios"] == pytest.approx(measured["mag_ratios"],
+                                                                                      abs=1e-5)
+    assert "MagCache ratios for 32x48x1, 3 steps" in printed
