@@ -27,6 +27,7 @@ from hyvideo.diffusion.cache_tables import (
     nearest_magcache_table,
     nearest_ratios,
 )
+from hyvideo.diffusion.pipelines import TextConditions
 from hyvideo.lowmem.offload import enable_block_offload
 from hyvideo.modules.modulate_layers import modulate
 from tests.parallel_workers import sp_cases as cases
@@ -145,9 +146,12 @@ def dit():
 
 def sample(dit, cache: CacheConfig | None, steps: int = STEPS, **kwargs):
     pipe = cases.build_pipeline(dit, None)
+    device = pipe.device
+    positive, negative = (
+        TextConditions(*(t.to(device) for t in cases.text_conditions(valid, seed).astuple()))
+        for valid, seed in (((7,), 21), ((4,), 22)))
     with torch.no_grad():
-        return pipe(prompt_conditions=cases.text_conditions((7,), seed=21),
-                    negative_conditions=cases.text_conditions((4,), seed=22),
+        return pipe(prompt_conditions=positive, negative_conditions=negative,
                     generator=[torch.Generator().manual_seed(11)], show_progress=False, output_type="latent",
                     cache=cache, **{**cases.PIPE, "num_inference_steps": steps, **kwargs})
 
@@ -282,6 +286,25 @@ def test_block_offload_reused_steps_stream_no_block(policy, threshold):
             assert moved == (0, 0)
     expected = sample(cases.build_dit(), CacheConfig(policy, threshold=threshold, retention=0.0), steps=4)
     assert torch.equal(out.latents, expected.latents)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["magcache", "teacache", "fbcache"])
+def test_gpu_block_offload_with_cache_matches_resident(policy):
+    """On an accelerator the blocks wait on the host: teacache's signal uses the host weights."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    cache = CacheConfig(policy, threshold=10.0, retention=0.0)
+    resident = cases.build_dit().to(device)
+    expected = sample(resident, cache, steps=4)
+    dit = cases.build_dit()
+    handle = enable_block_offload(dit, onload_device=device, prefetch=1)
+    try:
+        out = sample(dit, cache, steps=4)
+    finally:
+        handle.remove()
+    assert out.step_cache == expected.step_cache
+    # Same kernels except teacache's modulation on the CPU (signal only): decisions equal, latents close.
+    assert torch.allclose(out.latents, expected.latents, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -215,11 +215,12 @@ def modulated_first_input(first_block: nn.Module, img: torch.Tensor, vec: torch.
     (B, D) vector in, two out) is evaluated where the weights are, so the decision streams no block.
     """
     mod = first_block.img_mod
-    weight_device = mod.linear.bias.device
-    if weight_device == vec.device:
+    params = list(mod.parameters())
+    if params[0].device == vec.device:
         msa, _ = mod(vec)
-    else:
-        msa, _ = mod(vec.to(weight_device, mod.linear.bias.dtype))
+    else:  # compute in the layer's own dtype there (fp8 weights: the dtype of their bias / scales)
+        dtypes = [p.dtype for p in params if p.is_floating_point() and p.dtype.itemsize > 1]
+        msa, _ = mod(vec.to(params[0].device, dtypes[0] if dtypes else vec.dtype))
     shift, scale = msa.shift.to(img.device), msa.scale.to(img.device)
     normed = first_block.img_norm1(img)  # float32 (FP32LayerNorm)
     return (normed * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)).float()
