@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -152,6 +153,7 @@ def _sample(configs: Configs, save_dir: Path, state) -> None:
     if configs.rewrite.enabled and rewrites is None:
         rewrites = rewrite_prompts_for_run(configs, state, sampler=sampler)
     seed = agree_seed(sampling.seed, state)  # one seed for the whole run, the same on every rank
+    calibrations = []
     for index, prompt in enumerate(sampling.prompts):
         rewrite = rewrites[index] if rewrites is not None else None
         prompt = rewrite.rewritten if rewrite is not None else prompt
@@ -163,10 +165,27 @@ def _sample(configs: Configs, save_dir: Path, state) -> None:
             flow_reverse=sampling.flow_reverse, embedded_guidance_scale=sampling.embedded_cfg_scale
             if sampler.transformer.config.guidance_embed else None,
             num_videos_per_prompt=sampling.num_videos * sampling.batch_size,
-            enable_tiling=configs.model.vae_tiling,
+            enable_tiling=configs.model.vae_tiling, cache=configs.cache,
         )
         if state.is_main:  # every rank holds the same videos; one writes them
             save_outputs(out, configs, save_dir, rewrite=rewrite)
+            calibrations.append(out.step_cache)
+    if state.is_main and configs.cache.calibrate:
+        report_calibration(calibrations, configs)
+
+
+def report_calibration(summaries: list[dict], configs: Configs) -> None:
+    """--cache-calibrate: print the measured MagCache ratios (mean over the prompts); write them as JSON."""
+    runs = [s["measured_mag_ratios"] for s in summaries]
+    ratios = [round(sum(values) / len(runs), 5) for values in zip(*runs, strict=True)]
+    sampling = configs.sampling
+    payload = {"mag_ratios": ratios, "num_steps": len(ratios), "prompts": len(runs),
+               "size": [sampling.height, sampling.width, sampling.video_length]}
+    print(f"MagCache ratios for {sampling.height}x{sampling.width}x{sampling.video_length}, "
+          f"{len(ratios)} steps (mean over {len(runs)} prompt(s)): {json.dumps(ratios)}")
+    if configs.cache.calibrate_path:
+        path = write_sidecar(configs.cache.calibrate_path, payload, overwrite=True)  # atomic JSON
+        logger.info("MagCache ratios written to %s (use with --cache magcache --cache-ratios %s)", path, path)
 
 
 def rewrite_prompts_for_run(configs: Configs, state, *, sampler=None) -> list[RewriteResult]:
@@ -240,6 +259,8 @@ def save_outputs(
     time_flag = make_time_flag()
     written = []
     extra = {"prompt_rewrite": rewrite.as_record()} if rewrite is not None else {}
+    if getattr(out, "step_cache", None):
+        extra["step_cache"] = out.step_cache
     for i, seed in enumerate(out.seeds):
         stem = safe_filename(rewrite.original if rewrite else out.prompt, seed=seed, time_flag=time_flag)
         path = unique_path(save_dir, stem, ".mp4", sibling_suffixes=(".json", ".safetensors"))
