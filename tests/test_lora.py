@@ -253,20 +253,22 @@ def test_fp8_side_path(model, tmp_path, lora_a):
     path = save(tmp_path, "a", lora_a)
     fp8_model = fp8_twin(model)
     fp8_base = run(fp8_model)
+    plain = dequantised(fp8_model)  # before the LoRA: the non-fp8 layers get it merged
     stored = {k: v.clone() for k, v in fp8_model.state_dict().items()}
-    stack = load(fp8_model, (path, 0.8))
+    stack = load(fp8_model, (path, 0.5))
     fp8_lora = run(fp8_model)
-    assert all(torch.equal(v.view(torch.uint8), stored[k].view(torch.uint8))
-               for k, v in fp8_model.state_dict().items())  # fp8 weights untouched
+    fp8_keys = [k for k, v in stored.items() if v.dtype == torch.float8_e4m3fn]
+    assert len(fp8_keys) == 26
+    state = fp8_model.state_dict()
+    assert all(torch.equal(state[k].view(torch.uint8), stored[k].view(torch.uint8)) for k in fp8_keys)
     assert len(stack._hooks) == 26 and stack._merged  # 26 fp8 layers on the side path, the rest merged
     # Exact check: the side path equals merging the LoRA into the dequantised weights (float32).
-    plain = dequantised(fp8_model)
-    merged = load(plain, (path, 0.8))
+    merged = load(plain, (path, 0.5))
     assert rel_err(fp8_lora, run(plain)) <= 1e-5
     merged.clear()
     # Against the high-precision model with the LoRA merged: within test_fp8.py's fp8 tolerance (1e-1),
     # and much closer than the fp8 model without the LoRA.
-    reference = load(model, (path, 0.8))
+    reference = load(model, (path, 0.5))
     high = run(model)
     reference.clear()
     assert rel_err(fp8_lora, high) <= 1e-1 < rel_err(fp8_base, high)
@@ -297,7 +299,7 @@ def test_block_offload(model, tmp_path, lora_a, use_fp8):
     if not use_fp8:  # the merged weights are in the host copies the blocks stream from
         slots = {id(s.host): s for u in offloader._units for s in u.slots}.values()
         qkv = streamed.double_blocks[0].img_attn_qkv.weight
-        assert any(s.host is qkv.data for s in slots)
+        assert any(s.host.data_ptr() == qkv.data_ptr() for s in slots)
     stack.clear()
     assert torch.equal(run(streamed), base)
     offloader.remove()
