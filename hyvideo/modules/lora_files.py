@@ -225,9 +225,10 @@ def _piece(group: dict, layer: nn.Module, rows: torch.Tensor | None, factor: flo
             f"{where}: the LoRA for layer {target} does not fit: it maps {down.shape[1]} -> {up.shape[0]} "
             f"features, the layer {layer.in_features} -> {out_rows}; the LoRA is for another model size"
         )
-    if not (torch.isfinite(down.float()).all() and torch.isfinite(up.float()).all()):
+    down, up = down.float(), up.float()
+    if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
         raise ValueError(f"{where}: the LoRA for {module} holds inf or nan values")
-    return LoraPiece(down.float(), up.float(), factor, rows)
+    return LoraPiece(down, up, factor, rows)
 
 
 def parse_lora(
