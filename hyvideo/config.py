@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,15 @@ DIT_FP8_FILE = "mp_rank_00_model_states_fp8.pt"
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """One --lora: the safetensors file and its scale."""
+
+    path: Path
+    scale: float = 1.0
+    ignore_alpha: bool = False  # factor 1 instead of alpha / rank (HunyuanVideo-I2V's effect LoRAs)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """What is loaded, from where, and in which precision."""
 
@@ -82,6 +92,7 @@ class ModelConfig:
     text_encoder_precision_2: str
     tokenizer_2: str
     text_len_2: int
+    loras: tuple[LoraSpec, ...] = ()  # --lora, applied in order after the DiT is loaded
 
     @property
     def dit_weight_path(self) -> Path:
@@ -443,6 +454,8 @@ def rewrite_config_from_args(args: argparse.Namespace) -> RewriteConfig:
         api_key_env=key_env if args.rewrite_endpoint else None,
         api_key=os.environ[key_env].strip() if key_env and args.rewrite_endpoint else None,
     )
+
+
 def _add_cache_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Step cache args (skip the DiT blocks on some steps; off by default)")
     group.add_argument("--cache", type=str, default="none", choices=CACHE_POLICIES,
@@ -465,6 +478,53 @@ def _add_cache_args(parser: argparse.ArgumentParser) -> None:
                             "nearest published table.")
 
 
+def _add_lora_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("LoRA args")
+    group.add_argument("--lora", type=str, action="append", default=None, metavar="PATH[:SCALE]",
+                       help="A LoRA .safetensors file (diffusers, original or kohya keys) applied to the DiT; "
+                            "repeat for several. PATH:SCALE sets its scale (default 1.0).")
+    group.add_argument("--lora-scale", type=float, action="append", default=None, metavar="S",
+                       help="Scale of the LoRAs, one per --lora in the same order (default 1.0 each).")
+    group.add_argument("--lora-ignore-alpha", action="store_true",
+                       help="Scale the LoRAs by --lora-scale alone, ignoring their stored alpha (as "
+                            "HunyuanVideo-I2V does for its effect LoRAs).")
+
+
+def split_lora_arg(text: str) -> tuple[str, float | None]:
+    """'PATH:SCALE' -> (PATH, SCALE); a PATH without a numeric ':SCALE' tail -> (PATH, None)."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, None
+
+
+def lora_specs(args: argparse.Namespace) -> tuple[tuple[LoraSpec, ...], list[str]]:
+    """The --lora / --lora-scale flags as LoraSpecs, and the problems with them (one line each)."""
+    paths, scales = args.lora or [], args.lora_scale or []
+    errors, specs = [], []
+    if len(scales) > len(paths):
+        errors.append(f"--lora-scale given {len(scales)} times but --lora {len(paths)} times: give at most one "
+                      "--lora-scale per --lora")
+    for index, text in enumerate(paths):
+        path, scale = split_lora_arg(text)
+        if scale is not None and index < len(scales):
+            errors.append(f"--lora {text} has a scale and also gets --lora-scale {scales[index]}: give one")
+        scale = scale if scale is not None else (scales[index] if index < len(scales) else 1.0)
+        if not math.isfinite(scale):
+            errors.append(f"--lora {path}: the scale must be a finite number, got {scale}")
+        suffix = Path(path).suffix.lower()
+        if suffix in (".pt", ".pth", ".ckpt", ".bin", ".pkl"):
+            errors.append(f"--lora {path}: {suffix} files are pickles, which can run code when loaded; "
+                          "use the .safetensors version of the LoRA")
+        elif not Path(path).is_file():
+            errors.append(f"--lora {path}: no such file")
+        specs.append(LoraSpec(Path(path), scale, args.lora_ignore_alpha))
+    return tuple(specs), errors
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrorParser(description="HunyuanVideo inference script")
     _add_network_args(parser)
@@ -474,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parallel_args(parser)
     _add_rewrite_args(parser)
     _add_cache_args(parser)
+    _add_lora_args(parser)
     return parser
 
 
@@ -521,6 +582,7 @@ def validation_errors(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None and not args.prompt.strip():
         errors.append("--prompt is empty")
     errors += rewrite_validation_errors(args)
+    errors += lora_specs(args)[1]
     try:
         errors += parallel_layout_errors(args.ulysses_degree, args.ring_degree, launch_env())
     except ValueError as exc:
@@ -598,7 +660,7 @@ def configs_from_args(args: argparse.Namespace) -> Configs:
         prompt_template_video=args.prompt_template_video,
         hidden_state_skip_layer=args.hidden_state_skip_layer, apply_final_norm=args.apply_final_norm,
         text_encoder_2=args.text_encoder_2, text_encoder_precision_2=args.text_encoder_precision_2,
-        tokenizer_2=args.tokenizer_2, text_len_2=args.text_len_2,
+        tokenizer_2=args.tokenizer_2, text_len_2=args.text_len_2, loras=lora_specs(args)[0],
     )
     if args.prompt_file is not None:
         prompts = read_prompt_file(args.prompt_file)

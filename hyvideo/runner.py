@@ -49,19 +49,21 @@ def run_cli(configs: Configs) -> int:
         return 0
     # 1. Checks every rank decides alike from the flags and files, before any collective: one message
     #    (local rank 0), status 2 on every rank.
+    loras: list = []
     try:
         save_dir = check_writable_dir(runtime.save_path)  # before minutes of model loading
         if runtime.decode_latents is None:
-            from hyvideo.inference import check_parallel_layout
+            from hyvideo.inference import check_parallel_layout, prepare_loras
 
             check_parallel_layout(configs)
+            loras = prepare_loras(configs.model)  # a LoRA that does not fit fails before any loading
     except USER_ERRORS as exc:
         return _report_user_error(exc, runtime, every_rank=False)
     # 2. The process group, then the work; a failure from here on ends this rank at once.
-    return run_guarded(lambda: _work(configs, save_dir), runtime)
+    return run_guarded(lambda: _work(configs, save_dir, loras), runtime)
 
 
-def _work(configs: Configs, save_dir: Path) -> None:
+def _work(configs: Configs, save_dir: Path, loras: list | None = None) -> None:
     from hyvideo.inference import init_parallel
     from hyvideo.parallel import destroy
 
@@ -74,7 +76,7 @@ def _work(configs: Configs, save_dir: Path) -> None:
     if runtime.decode_latents is not None:
         decode_saved_latents(configs, runtime.decode_latents, save_dir, parallel=state)
     else:
-        _sample(configs, save_dir, state)
+        _sample(configs, save_dir, state, loras or [])
     destroy(state)
 
 
@@ -142,7 +144,7 @@ def run_guarded(work: Callable[[], None], runtime: RuntimeConfig) -> int:
     return code
 
 
-def _sample(configs: Configs, save_dir: Path, state) -> None:
+def _sample(configs: Configs, save_dir: Path, state, loras: list) -> None:
     from hyvideo.inference import HunyuanVideoSampler, agree_seed
 
     sampling = configs.sampling
@@ -152,6 +154,8 @@ def _sample(configs: Configs, save_dir: Path, state) -> None:
                                                   use_autocast=not configs.runtime.disable_autocast)
     if configs.rewrite.enabled and rewrites is None:
         rewrites = rewrite_prompts_for_run(configs, state, sampler=sampler)
+    for weights, scale in loras:  # every rank applies the same LoRAs
+        sampler.add_lora(weights, scale)
     seed = agree_seed(sampling.seed, state)  # one seed for the whole run, the same on every rank
     calibrations = []
     for index, prompt in enumerate(sampling.prompts):
@@ -261,6 +265,8 @@ def save_outputs(
     extra = {"prompt_rewrite": rewrite.as_record()} if rewrite is not None else {}
     if getattr(out, "step_cache", None):
         extra["step_cache"] = out.step_cache
+    if getattr(out, "loras", None):
+        extra["loras"] = out.loras
     for i, seed in enumerate(out.seeds):
         stem = safe_filename(rewrite.original if rewrite else out.prompt, seed=seed, time_flag=time_flag)
         path = unique_path(save_dir, stem, ".mp4", sibling_suffixes=(".json", ".safetensors"))
