@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -48,19 +49,21 @@ def run_cli(configs: Configs) -> int:
         return 0
     # 1. Checks every rank decides alike from the flags and files, before any collective: one message
     #    (local rank 0), status 2 on every rank.
+    loras: list = []
     try:
         save_dir = check_writable_dir(runtime.save_path)  # before minutes of model loading
         if runtime.decode_latents is None:
-            from hyvideo.inference import check_parallel_layout
+            from hyvideo.inference import check_parallel_layout, prepare_loras
 
             check_parallel_layout(configs)
+            loras = prepare_loras(configs.model)  # a LoRA that does not fit fails before any loading
     except USER_ERRORS as exc:
         return _report_user_error(exc, runtime, every_rank=False)
     # 2. The process group, then the work; a failure from here on ends this rank at once.
-    return run_guarded(lambda: _work(configs, save_dir), runtime)
+    return run_guarded(lambda: _work(configs, save_dir, loras), runtime)
 
 
-def _work(configs: Configs, save_dir: Path) -> None:
+def _work(configs: Configs, save_dir: Path, loras: list | None = None) -> None:
     from hyvideo.inference import init_parallel
     from hyvideo.parallel import destroy
 
@@ -73,7 +76,7 @@ def _work(configs: Configs, save_dir: Path) -> None:
     if runtime.decode_latents is not None:
         decode_saved_latents(configs, runtime.decode_latents, save_dir, parallel=state)
     else:
-        _sample(configs, save_dir, state)
+        _sample(configs, save_dir, state, loras or [])
     destroy(state)
 
 
@@ -141,7 +144,7 @@ def run_guarded(work: Callable[[], None], runtime: RuntimeConfig) -> int:
     return code
 
 
-def _sample(configs: Configs, save_dir: Path, state) -> None:
+def _sample(configs: Configs, save_dir: Path, state, loras: list) -> None:
     from hyvideo.inference import HunyuanVideoSampler, agree_seed
 
     sampling = configs.sampling
@@ -151,7 +154,10 @@ def _sample(configs: Configs, save_dir: Path, state) -> None:
                                                   use_autocast=not configs.runtime.disable_autocast)
     if configs.rewrite.enabled and rewrites is None:
         rewrites = rewrite_prompts_for_run(configs, state, sampler=sampler)
+    for weights, scale in loras:  # every rank applies the same LoRAs
+        sampler.add_lora(weights, scale)
     seed = agree_seed(sampling.seed, state)  # one seed for the whole run, the same on every rank
+    calibrations = []
     for index, prompt in enumerate(sampling.prompts):
         rewrite = rewrites[index] if rewrites is not None else None
         prompt = rewrite.rewritten if rewrite is not None else prompt
@@ -163,10 +169,27 @@ def _sample(configs: Configs, save_dir: Path, state) -> None:
             flow_reverse=sampling.flow_reverse, embedded_guidance_scale=sampling.embedded_cfg_scale
             if sampler.transformer.config.guidance_embed else None,
             num_videos_per_prompt=sampling.num_videos * sampling.batch_size,
-            enable_tiling=configs.model.vae_tiling,
+            enable_tiling=configs.model.vae_tiling, cache=configs.cache,
         )
         if state.is_main:  # every rank holds the same videos; one writes them
             save_outputs(out, configs, save_dir, rewrite=rewrite)
+            calibrations.append(out.step_cache)
+    if state.is_main and configs.cache.calibrate:
+        report_calibration(calibrations, configs)
+
+
+def report_calibration(summaries: list[dict], configs: Configs) -> None:
+    """--cache-calibrate: print the measured MagCache ratios (mean over the prompts); write them as JSON."""
+    runs = [s["measured_mag_ratios"] for s in summaries]
+    ratios = [round(sum(values) / len(runs), 5) for values in zip(*runs, strict=True)]
+    sampling = configs.sampling
+    payload = {"mag_ratios": ratios, "num_steps": len(ratios), "prompts": len(runs),
+               "size": [sampling.height, sampling.width, sampling.video_length]}
+    print(f"MagCache ratios for {sampling.height}x{sampling.width}x{sampling.video_length}, "
+          f"{len(ratios)} steps (mean over {len(runs)} prompt(s)): {json.dumps(ratios)}")
+    if configs.cache.calibrate_path:
+        path = write_sidecar(configs.cache.calibrate_path, payload, overwrite=True)  # atomic JSON
+        logger.info("MagCache ratios written to %s (use with --cache magcache --cache-ratios %s)", path, path)
 
 
 def rewrite_prompts_for_run(configs: Configs, state, *, sampler=None) -> list[RewriteResult]:
@@ -244,6 +267,10 @@ def save_outputs(
     time_flag = make_time_flag()
     written = []
     extra = {"prompt_rewrite": rewrite.as_record()} if rewrite is not None else {}
+    if getattr(out, "step_cache", None):
+        extra["step_cache"] = out.step_cache
+    if getattr(out, "loras", None):
+        extra["loras"] = out.loras
     for i, seed in enumerate(out.seeds):
         stem = safe_filename(rewrite.original if rewrite else out.prompt, seed=seed, time_flag=time_flag)
         path = unique_path(save_dir, stem, ".mp4", sibling_suffixes=(".json", ".safetensors"))
