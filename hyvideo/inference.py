@@ -149,6 +149,10 @@ class Inference:
             "vae": load_vae_component(cfg, load_device),
             **load_text_encoders(cfg, load_device),
         }
+        if cfg.fp8_gemm:  # before offload: the offloader tracks the modules that own each tensor
+            from hyvideo.modules.fp8_gemm import enable_fp8_gemm
+
+            enable_fp8_gemm(components["transformer"], device)
         offload = None
         if offload_mode != "none":
             from hyvideo.lowmem.offload import apply_offload
@@ -200,6 +204,10 @@ class HunyuanVideoSampler(Inference):
         super().__init__(**components)
         cfg = self.model_config
         self.transformer.enable_sequence_parallel(self.parallel)  # checks U against the head count
+        if cfg.compile:  # last: the model is final (offload hooks, sequence parallelism, fp8 layers)
+            from hyvideo.modules.compile import compile_dit_blocks
+
+            compile_dit_blocks(self.transformer, mode=cfg.compile_mode)
         self.pipeline = HunyuanVideoPipeline(
             vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
             transformer=self.transformer, scheduler=FlowMatchDiscreteScheduler(),
