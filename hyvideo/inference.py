@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from hyvideo.config import Configs, ModelConfig, RuntimeConfig
+from hyvideo.config import DIT_FILE, Configs, ModelConfig, RuntimeConfig
 from hyvideo.constants import PRECISION_TO_TYPE, PROMPT_TEMPLATE, DiTConfig
 from hyvideo.diffusion import FlowMatchDiscreteScheduler
 from hyvideo.diffusion.pipelines import HunyuanVideoPipeline
@@ -90,7 +90,7 @@ def check_parallel_layout(configs: Configs) -> None:
     if ulysses == 1:
         return
     cfg = configs.model
-    dit_config = resolve_dit_config(cfg.dit, require_path(cfg.dit_weight_path, "DiT weights (--dit-weight)"))
+    dit_config = resolve_dit_config(cfg.dit, require_path(dit_weight_file(cfg), "DiT weights (--dit-weight)"))
     try:
         check_num_heads(dit_config.heads_num, ulysses)
     except ValueError as exc:
@@ -162,11 +162,23 @@ class Inference:
         return cls(**components, model_config=cfg, device=device, parallel=parallel, offload=offload, **kwargs)
 
 
+def dit_weight_file(cfg: ModelConfig) -> Path:
+    """The DiT weights to load. With --use-fp8, no --dit-weight and no official fp8 file, the bf16 file:
+    it is quantised at load (users need not download the fp8 pair too)."""
+    path = cfg.dit_weight_path
+    if cfg.use_fp8 and cfg.dit_weight is None and not path.exists():
+        bf16 = path.with_name(DIT_FILE)
+        if bf16.exists():
+            logger.info("--use-fp8: %s not found; quantising %s at load", path.name, bf16)
+            return bf16
+    return path
+
+
 def load_transformer(cfg: ModelConfig, device: torch.device):
     from hyvideo.modules import load_dit
     from hyvideo.modules.fp8_optimization import load_fp8_dit
 
-    path = require_path(cfg.dit_weight_path, "DiT weights (--dit-weight)")
+    path = require_path(dit_weight_file(cfg), "DiT weights (--dit-weight)")
     dit_config = resolve_dit_config(cfg.dit, path)
     loader = load_fp8_dit if cfg.use_fp8 else load_dit
     return loader(dit_config, path, load_key=cfg.load_key, dtype=PRECISION_TO_TYPE[cfg.precision],
