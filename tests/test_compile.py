@@ -96,6 +96,7 @@ def test_one_graph_per_block_class_no_graph_break_and_one_recompile_per_size(bac
     assert graph_count() == 5
 
 
+@pytest.mark.slow  # one inductor compile of the 3 block classes: ~30 s on 2 idle cores, cold cache
 def test_inductor_compiled_dit_matches_eager_fp32():
     model, inputs = tiny_model(), tiny_inputs()
     expected = forward(model, inputs)
@@ -166,6 +167,7 @@ def tiny_tree(tmp_path_factory) -> Path:
     return write_tiny_checkpoints(tmp_path_factory.mktemp("ckpts"))
 
 
+@pytest.mark.slow  # two CLI runs, one with an inductor compile: ~40 s on 2 idle cores, cold cache
 def test_cli_compile_gives_the_eager_video(tiny_tree, tmp_path, capsys):
     latents = []
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
