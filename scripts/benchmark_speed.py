@@ -16,7 +16,8 @@ tokens), then times one Euler step (one DiT forward under autocast, as the pipel
 After one untimed warm-up per variant, --repeats rounds run every variant once each, the order rotating every
 round (so drift in the machine's load hits all variants alike). Reported: min and median s/step and the ratio
 of each variant's min to the baseline's min (eager, or fp8 eager), and the max relative difference of its
-output against the baseline. CPU numbers say nothing about a GPU.
+output against the baseline. Runs on the accelerator when there is one (--device). CPU numbers say nothing
+about a GPU.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import torch  # noqa: E402
 from benchmark import build_ours_dit, dit_work  # noqa: E402
+from benchmark_offload import synchronize  # noqa: E402
 from benchmark_report import dit_configs, latent_shape  # noqa: E402
 
 from hyvideo.modules.compile import COMPILE_MODES, compile_dit_blocks, uncompile_dit_blocks  # noqa: E402
@@ -58,9 +60,9 @@ def _compile(model: torch.nn.Module, mode: str) -> dict:
 
 def child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
-    device = torch.device("cpu")
+    device = torch.device(spec["device"])
     _, run = dit_work(spec, device)
-    base = build_ours_dit(spec)
+    base = build_ours_dit(spec).to(device)
     models = {"eager": base}
     if spec["fp8"]:
         gemm = copy.deepcopy(base)
@@ -77,6 +79,7 @@ def child(spec: dict) -> dict:
         _toggle(model, fwd)
         start = time.perf_counter()
         outputs[name] = run("ours", model, 1)
+        synchronize(device)
         result["variants"][name] = {"first_s": time.perf_counter() - start, "times": []}
     order = list(variants)
     for round_index in range(spec["repeats"]):
@@ -84,8 +87,10 @@ def child(spec: dict) -> dict:
         for name in order[shift:] + order[:shift]:
             model, fwd = variants[name]
             _toggle(model, fwd)
+            synchronize(device)
             start = time.perf_counter()
             run("ours", model, 1)
+            synchronize(device)
             result["variants"][name]["times"].append(time.perf_counter() - start)
     baseline = order[0]
     ref = outputs[baseline].double()
@@ -122,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--attention", default="sdpa", help="sdpa or vanilla on the CPU")
+    p.add_argument("--attention", default="sdpa", help="a backend name (auto, fa3, flash, sage, sdpa, vanilla)")
+    p.add_argument("--device", default=None, help="default: the accelerator if any, else cpu")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -132,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         latent_shape(args.height, args.width, args.frames)
     except ValueError as err:
         p.error(str(err))
+    accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    device = args.device or str(accel or "cpu")
     print(f"command: {' '.join(sys.argv)}")
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}")
     print()
@@ -143,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = dict(dit=dit, precision=precision, fp8=args.fp8, attention=args.attention, steps=1,
                         height=args.height, width=args.width, frames=args.frames, text_tokens=args.text_tokens,
                         threads=args.threads, repeats=args.repeats, compile_mode=args.compile_mode,
-                        device="cpu")
+                        device=device)
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
