@@ -71,6 +71,8 @@ def child(spec: dict) -> dict:
     variants: dict[str, tuple[torch.nn.Module, dict]] = {}
     for name, model in models.items():
         variants[name] = (model, {})
+        if spec["no_compile"]:
+            continue
         variants["compile" if name == "eager" else f"{name} + compile"] = (
             model, _compile(model, spec["compile_mode"]))
     result: dict = {"variants": {}}
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--fp8", action="store_true", help="compare fp8 GEMM with the fp8 dequantise path")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
+    p.add_argument("--no-compile", action="store_true", help="only the eager variants (e.g. fp8 GEMM alone)")
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--frames", type=int, default=17)
@@ -151,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = dict(dit=dit, precision=precision, fp8=args.fp8, attention=args.attention, steps=1,
                         height=args.height, width=args.width, frames=args.frames, text_tokens=args.text_tokens,
                         threads=args.threads, repeats=args.repeats, compile_mode=args.compile_mode,
+                        no_compile=args.no_compile,
                         device=device)
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
