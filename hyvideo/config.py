@@ -73,6 +73,7 @@ class ModelConfig:
     text_encoder_precision_2: str
     tokenizer_2: str
     text_len_2: int
+    dit_chunk_tokens: int | None = None  # --dit-chunk-tokens: None automatic, 0 off (hyvideo/lowmem/chunking.py)
 
     @property
     def dit_weight_path(self) -> Path:
@@ -372,6 +373,23 @@ def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ring-degree", type=int, default=1, help="Ring-attention sequence-parallel degree.")
 
 
+def _add_memory_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Memory args (issue 20)")
+    group.add_argument("--dit-chunk-tokens", type=int, default=None, metavar="N",
+                       help="Run the DiT's per-token work (MLPs, projections, final layer) N tokens at a "
+                            "time: same maths, a fraction of the activation memory. Default: automatic "
+                            "(chunks of at most 8192 tokens); 0: off.")
+
+
+def memory_args_errors(args: argparse.Namespace) -> list[str]:
+    """Problems with the memory flags, one line each."""
+    errors = []
+    if args.dit_chunk_tokens is not None and args.dit_chunk_tokens < 0:
+        errors.append(f"--dit-chunk-tokens must be 0 (off) or a positive token count, "
+                      f"got {args.dit_chunk_tokens}")
+    return errors
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrorParser(description="HunyuanVideo inference script")
     _add_network_args(parser)
@@ -379,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_denoise_schedule_args(parser)
     _add_inference_args(parser)
     _add_parallel_args(parser)
+    _add_memory_args(parser)
     return parser
 
 
@@ -425,6 +444,7 @@ def validation_errors(args: argparse.Namespace) -> list[str]:
         errors.append("--prompt and --prompt-file are mutually exclusive: give one")
     if args.prompt is not None and not args.prompt.strip():
         errors.append("--prompt is empty")
+    errors += memory_args_errors(args)
     try:
         errors += parallel_layout_errors(args.ulysses_degree, args.ring_degree, launch_env())
     except ValueError as exc:
@@ -465,7 +485,7 @@ def configs_from_args(args: argparse.Namespace) -> Configs:
         prompt_template_video=args.prompt_template_video,
         hidden_state_skip_layer=args.hidden_state_skip_layer, apply_final_norm=args.apply_final_norm,
         text_encoder_2=args.text_encoder_2, text_encoder_precision_2=args.text_encoder_precision_2,
-        tokenizer_2=args.tokenizer_2, text_len_2=args.text_len_2,
+        tokenizer_2=args.tokenizer_2, text_len_2=args.text_len_2, dit_chunk_tokens=args.dit_chunk_tokens,
     )
     if args.prompt_file is not None:
         prompts = read_prompt_file(args.prompt_file)
