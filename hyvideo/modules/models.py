@@ -10,6 +10,7 @@ import functools
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..constants import DiTConfig
@@ -205,6 +206,7 @@ class MMDoubleStreamBlock(nn.Module):
             q, k, v = self._stream_qkv("img", img[:, tokens], img_msa)
             q, k = apply_rotary_emb(q, k, freqs[0][tokens], freqs[1][tokens])
             qkv.write(tokens, q, k, v)
+            del q, k, v  # v views this chunk's fused projection: free it before the next chunk
         qkv.write(slice(img_len, None), *self._stream_qkv("txt", txt, txt_msa))
         # 3. Joint attention -> (B, L_img + L_txt, D); the q/k/v buffers are freed right after
         attn = attention(*qkv.tensors, backend=backend, key_mask=key_mask)
@@ -270,54 +272,78 @@ class MMSingleStreamBlock(nn.Module):
         attn = attention(q, k, v, backend=backend, key_mask=key_mask)
         return x + apply_gate(self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2)), mod.gate)
 
-    def _chunk_qkv_mlp(self, x: torch.Tensor, mod: ModulationOut, freqs, tokens: slice, img_len: int):
-        """Tokens `tokens` of x -> their q, k, v (B, n, H, D_h), RoPE applied, and activated MLP (B, n, D_mlp)."""
-        x_mod = modulate(self.pre_norm(x[:, tokens]), mod.shift, mod.scale).to(x.dtype)  # float32 island
-        qkv, mlp = self.linear1(x_mod).split((3 * self.hidden_size, self.mlp_hidden_dim), dim=-1)
-        q, k, v = qkv.unflatten(-1, (3, self.heads_num, -1)).unbind(2)
+    def _chunk_x_mod(self, x: torch.Tensor, mod: ModulationOut, tokens: slice) -> torch.Tensor:
+        return modulate(self.pre_norm(x[:, tokens]), mod.shift, mod.scale).to(x.dtype)  # float32 island
+
+    def _chunk_qkv(self, fused: torch.Tensor, freqs, tokens: slice, img_len: int):
+        """(B, n, 3D) fused projection of tokens `tokens` -> q, k (normalised, RoPE), v (B, n, H, D_h)."""
+        q, k, v = fused.unflatten(-1, (3, self.heads_num, -1)).unbind(2)
         q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         if tokens.start < img_len:  # chunks never straddle the image/text boundary (see _forward_chunked)
             q, k = apply_rotary_emb(q, k, freqs[0][tokens], freqs[1][tokens])
-        return q, k, v, self.mlp_act(mlp)
+        return q, k, v
 
     def _forward_chunked(self, x, vec, freqs, *, img_len: int, key_mask, backend, chunk: int) -> torch.Tensor:
         """`forward` with the tokens processed `chunk` at a time outside attention (same maths).
 
-        linear2 over [attention | MLP] is computed as attention part + MLP part with the split weight, so the
-        (B, L, D + D_mlp) concatenation, and even the (B, L, D_mlp) activated MLP, never exist at full size:
-        the MLP part (B, L, D) is computed before attention, chunk by chunk, and the attention part added after.
-        A linear whose weight we cannot split (an unknown wrapper) keeps the activated MLP instead and is
-        called on per-chunk concatenations.
+        linear1 is used by row blocks: its q/k/v rows before attention, its MLP rows after it, chunk by chunk
+        (the modulated input is recomputed, an elementwise step), and linear2 as attention part + MLP part
+        with the split weight. So neither the (B, L, D_mlp) MLP activations nor the [attention | MLP]
+        concatenation ever exist at full size, and the output overwrites the attention output in place.
         """
-        length, d = x.shape[1], self.hidden_size
+        length, d, lin1 = x.shape[1], self.hidden_size, self.linear1
         ranges = token_ranges(0, img_len, chunk) + token_ranges(img_len, length, chunk)
-        weight2 = dense_weight(self.linear2)  # (D, D + D_mlp), or None: call linear2 itself
-        # 1. Modulation; per chunk: q, k, v into full-size buffers, the MLP half of linear1 -> its linear2 part
+        weight1, weight2 = dense_weight(lin1), dense_weight(self.linear2)  # None: unknown wrapper
+        if weight1 is None or weight2 is None:
+            return self._forward_chunked_modules(x, vec, freqs, img_len=img_len, key_mask=key_mask,
+                                                 backend=backend, ranges=ranges)
+        qkv_rows, mlp_rows = slice(0, 3 * d), slice(3 * d, None)
+        bias1 = (None, None) if lin1.bias is None else (lin1.bias[qkv_rows], lin1.bias[mlp_rows])
+        # 1. Modulation; q, k, v chunk by chunk into full-size buffers (B, L, H, D_h)
         (mod,) = self.modulation(vec)
-        qkv, mlp_part = TokenBuffers(length), TokenBuffers(length)
+        qkv = TokenBuffers(length)
         for tokens in ranges:
-            q, k, v, mlp = self._chunk_qkv_mlp(x, mod, freqs, tokens, img_len)
-            qkv.write(tokens, q, k, v)
-            mlp_part.write(tokens, mlp if weight2 is None else linear_part(mlp, weight2, slice(d, None)))
+            fused = F.linear(self._chunk_x_mod(x, mod, tokens), weight1[qkv_rows], bias1[0])  # (B, n, 3D)
+            qkv.write(tokens, *self._chunk_qkv(fused, freqs, tokens, img_len))
+            del fused
         # 2. Attention (B, L, D); the q/k/v buffers are freed right after
         attn = attention(*qkv.tensors, backend=backend, key_mask=key_mask)
         del qkv
-        (partial,) = mlp_part.tensors
 
-        # 3. linear2 = attention part + MLP part (+ bias), gated residual, per chunk
+        # 3. Per chunk: MLP rows of linear1, activation, linear2 = attention part + MLP part, gated residual
         def finish(tokens: slice) -> torch.Tensor:
-            if weight2 is None:
-                out = self.linear2(torch.cat((attn[:, tokens], partial[:, tokens]), dim=2))
-            else:
-                out = linear_part(attn[:, tokens], weight2, slice(0, d), self.linear2.bias) + partial[:, tokens]
+            mlp = self.mlp_act(F.linear(self._chunk_x_mod(x, mod, tokens), weight1[mlp_rows], bias1[1]))
+            out = linear_part(attn[:, tokens], weight2, slice(0, d), self.linear2.bias)
+            out = out + linear_part(mlp, weight2, slice(d, None))
             return x[:, tokens] + apply_gate(out, mod.gate)
 
-        in_place = weight2 is not None and not torch.is_grad_enabled()
-        if not (in_place and partial.dtype == x.dtype == mod.gate.dtype):
+        if torch.is_grad_enabled() or attn.dtype != x.dtype:
             return map_token_chunks(finish, ranges, length)
-        for tokens in ranges:  # inference: overwrite the MLP part (same shape and dtype) with the output
-            partial[:, tokens] = finish(tokens)
-        return partial
+        for tokens in ranges:  # inference: each chunk's output replaces its (used) attention output
+            attn[:, tokens] = finish(tokens)
+        return attn
+
+    def _forward_chunked_modules(self, x, vec, freqs, *, img_len: int, key_mask, backend, ranges):
+        """The chunked forward for linear layers we cannot split (e.g. wrapped by an adapter): they are called
+        as modules on chunks, and the activated MLP (B, L, D_mlp) is kept across attention."""
+        (mod,) = self.modulation(vec)
+        qkv, mlp_act = TokenBuffers(x.shape[1]), TokenBuffers(x.shape[1])
+        for tokens in ranges:
+            fused, mlp = self.linear1(self._chunk_x_mod(x, mod, tokens)).split(
+                (3 * self.hidden_size, self.mlp_hidden_dim), dim=-1
+            )
+            qkv.write(tokens, *self._chunk_qkv(fused, freqs, tokens, img_len))
+            mlp_act.write(tokens, self.mlp_act(mlp))
+            del fused, mlp
+        attn = attention(*qkv.tensors, backend=backend, key_mask=key_mask)
+        del qkv
+        (mlp,) = mlp_act.tensors
+
+        def finish(tokens: slice) -> torch.Tensor:
+            out = self.linear2(torch.cat((attn[:, tokens], mlp[:, tokens]), dim=2))
+            return x[:, tokens] + apply_gate(out, mod.gate)
+
+        return map_token_chunks(finish, ranges, x.shape[1])
 
 
 def unpatchify(
@@ -523,6 +549,7 @@ class HYVideoDiffusionTransformer(nn.Module):
             img, txt = block(img, txt, vec, freqs, key_mask=key_mask, backend=backend)
         # 7. Single-stream blocks over [img | txt]
         x_tokens = torch.cat((img, txt), dim=1)  # (B, L_loc + L_txt, D)
+        del img, txt  # one hidden state less during the single-stream blocks
         for block in self.single_blocks:
             x_tokens = block(x_tokens, vec, freqs, img_len=img_len, key_mask=key_mask, backend=backend)
         # 8. Final layer on the image tokens (per token, so before the gather: C_out * 4 features travel
