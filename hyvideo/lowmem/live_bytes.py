@@ -76,3 +76,20 @@ def fake_tensors() -> Iterator[FakeTensorMode]:
     """
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         yield mode
+
+
+def materialize_fake(module: torch.nn.Module, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Give a meta-device module empty tensors on `device`; call inside `fake_tensors()` (nothing allocated).
+
+    Faster than building the module under FakeTensorMode (no weight initialisation runs), and keeps
+    parameter types (an fp8 weight stays fp8).
+    """
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None:
+                sub._parameters[name] = torch.nn.Parameter(torch.empty_like(param, device=device),
+                                                           requires_grad=False)
+        for name, buf in list(sub._buffers.items()):
+            if buf is not None:
+                sub._buffers[name] = torch.empty_like(buf, device=device)
+    return module
