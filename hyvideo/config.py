@@ -98,6 +98,7 @@ class ModelConfig:
     compile: bool = False  # --compile: regional torch.compile of the DiT blocks (hyvideo/modules/compile.py)
     compile_mode: str = "default"
     fp8_gemm: bool = False  # --fp8-gemm: fp8 matmuls in the block linears (hyvideo/modules/fp8_gemm.py)
+    dit_chunk_tokens: int | None = None  # --dit-chunk-tokens: None automatic, 0 off (hyvideo/lowmem/chunking.py)
 
     @property
     def dit_weight_path(self) -> Path:
@@ -543,6 +544,23 @@ def _add_speed_args(parser: argparse.ArgumentParser) -> None:
                             "token); needs the CPU or a GPU of compute capability >= 8.9. Near-lossless.")
 
 
+def _add_memory_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Memory args (issue 20)")
+    group.add_argument("--dit-chunk-tokens", type=int, default=None, metavar="N",
+                       help="Run the DiT's per-token work (MLPs, projections, final layer) N tokens at a "
+                            "time: same maths, a fraction of the activation memory. Default: automatic "
+                            "(chunks of at most 8192 tokens); 0: off.")
+
+
+def memory_args_errors(args: argparse.Namespace) -> list[str]:
+    """Problems with the memory flags, one line each."""
+    errors = []
+    if args.dit_chunk_tokens is not None and args.dit_chunk_tokens < 0:
+        errors.append(f"--dit-chunk-tokens must be 0 (off) or a positive token count, "
+                      f"got {args.dit_chunk_tokens}")
+    return errors
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrorParser(description="HunyuanVideo inference script")
     _add_network_args(parser)
@@ -554,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_args(parser)
     _add_lora_args(parser)
     _add_speed_args(parser)
+    _add_memory_args(parser)
     return parser
 
 
@@ -610,6 +629,7 @@ def validation_errors(args: argparse.Namespace) -> list[str]:
         problem = attention_backend_problem(args.attn_backend)
     if problem:
         errors.append(f"--attn-backend {args.attn_backend}: {problem}")
+    errors += memory_args_errors(args)
     try:
         errors += parallel_layout_errors(args.ulysses_degree, args.ring_degree, launch_env())
     except ValueError as exc:
@@ -689,6 +709,7 @@ def configs_from_args(args: argparse.Namespace) -> Configs:
         text_encoder_2=args.text_encoder_2, text_encoder_precision_2=args.text_encoder_precision_2,
         tokenizer_2=args.tokenizer_2, text_len_2=args.text_len_2, loras=lora_specs(args)[0],
         compile=args.compile, compile_mode=args.compile_mode, fp8_gemm=args.fp8_gemm,
+        dit_chunk_tokens=args.dit_chunk_tokens,
     )
     if args.prompt_file is not None:
         prompts = read_prompt_file(args.prompt_file)

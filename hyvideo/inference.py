@@ -183,8 +183,10 @@ def load_transformer(cfg: ModelConfig, device: torch.device):
     path = require_path(dit_weight_file(cfg), "DiT weights (--dit-weight)")
     dit_config = resolve_dit_config(cfg.dit, path)
     loader = load_fp8_dit if cfg.use_fp8 else load_dit
-    return loader(dit_config, path, load_key=cfg.load_key, dtype=PRECISION_TO_TYPE[cfg.precision],
-                  device=device, attention_backend=cfg.attn_backend)
+    model = loader(dit_config, path, load_key=cfg.load_key, dtype=PRECISION_TO_TYPE[cfg.precision],
+                   device=device, attention_backend=cfg.attn_backend)
+    model.set_chunk_tokens(cfg.dit_chunk_tokens)
+    return model
 
 
 def prepare_loras(cfg: ModelConfig) -> list[tuple]:

@@ -81,23 +81,37 @@ def _work(configs: Configs, save_dir: Path, loras: list | None = None) -> None:
 
 
 def memory_plan_report(configs: Configs) -> str:
-    """--plan-memory: the estimated peak memory of this command, and what would fit the given card."""
-    from hyvideo.lowmem.memory_plan import estimate_peak_memory, format_plan, plan_for_card
+    """--plan-memory: the traced peak memory of this command per stage; given a card size, whether it fits
+    (with smaller VAE tiles picked automatically if the default ones would not), and which offload / fp8
+    combinations fit at this video size."""
+    from hyvideo.lowmem.memory_plan import estimate_peak_memory, fit_vae_tiles, format_plan
+    from hyvideo.lowmem.offload import OFFLOAD_MODES
 
     cfg, sampling = configs.model, configs.sampling
-    estimate = estimate_peak_memory(
+    kwargs = dict(
         height=sampling.height, width=sampling.width, video_length=sampling.video_length,
-        precision=cfg.precision, use_fp8=cfg.use_fp8, offload_mode=configs.runtime.offload_mode,
-        cfg_scale=sampling.cfg_scale, vae_tiling=cfg.vae_tiling, text_len=cfg.text_len, dit_config=cfg.dit,
-        batch_size=sampling.num_videos * sampling.batch_size, vae_precision=cfg.vae_precision,
-        text_encoder_precision=cfg.text_encoder_precision,
+        precision=cfg.precision, cfg_scale=sampling.cfg_scale, vae_tiling=cfg.vae_tiling, text_len=cfg.text_len,
+        dit_config=cfg.dit, batch_size=sampling.num_videos * sampling.batch_size,
+        vae_precision=cfg.vae_precision, text_encoder_precision=cfg.text_encoder_precision,
+        dit_chunk_tokens=cfg.dit_chunk_tokens,
     )
     card = configs.runtime.plan_memory or None
+    mode = configs.runtime.offload_mode
+    if not card:
+        return format_plan(estimate_peak_memory(use_fp8=cfg.use_fp8, offload_mode=mode, **kwargs))
+    estimate = fit_vae_tiles(card, use_fp8=cfg.use_fp8, offload_mode=mode, **kwargs)
     report = [format_plan(estimate, card_gib=card)]
-    if card:
-        fitting = plan_for_card(card, precision=cfg.precision, cfg_scale=sampling.cfg_scale)
-        report += ["", f"Combinations estimated to fit {card:g} GiB:",
-                   format_plan(fitting, card_gib=card) if fitting else "  none"]
+    if estimate.vae_tile != (256, 64) and cfg.vae_tiling:
+        report.append(f"VAE tiles reduced to {estimate.vae_tile[0]} px / {estimate.vae_tile[1]} frames so that "
+                      "decoding fits.")
+        logger.info("memory plan: VAE tiles %s px / %s frames", *estimate.vae_tile)
+    report.append(f"{'fits' if estimate.fits(card) else 'does not fit'} a {card:g} GiB card "
+                  f"(peak {estimate.peak_gib:.1f} GiB in the {estimate.peak_stage} stage)")
+    others = [fit_vae_tiles(card, use_fp8=fp8, offload_mode=m, **kwargs)
+              for m in OFFLOAD_MODES for fp8 in (False, True)]
+    fitting = [e for e in others if e.fits(card)]
+    report += ["", f"Combinations at this size that fit {card:g} GiB:",
+               format_plan(fitting, card_gib=card) if fitting else "  none"]
     return "\n".join(report)
 
 

@@ -77,6 +77,16 @@ def test_dit_matches_single_process(worker, reference, world, layout, case):
 
 
 @pytest.mark.multigpu
+@pytest.mark.parametrize("world,layout", PARAMS)
+def test_chunked_dit_matches_single_process(worker, reference, world, layout):
+    # Chunks of 4 tokens over each rank's 12-23 image tokens (hyvideo/lowmem/chunking.py).
+    key = f"{layout}/dit/odd_mixed_text/chunked"
+    results = worker(world)
+    assert results["ranks_equal"][key], "ranks returned different DiT outputs"
+    assert rel_err(results["outputs"][key], reference["dit/odd_mixed_text"]) <= TOL
+
+
+@pytest.mark.multigpu
 @pytest.mark.parametrize("case", list(cases.VAE_CASES))
 @pytest.mark.parametrize("world,layout", PARAMS)
 def test_vae_decode_matches_single_process_tiled_decode(worker, reference, world, layout, case):

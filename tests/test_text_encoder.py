@@ -417,3 +417,25 @@ def test_tokenizer_source_that_cannot_be_downloaded_is_a_clear_error(tmp_path, m
     monkeypatch.setattr(assets, "_pip_download_command", lambda requirement, dest: failing)
     with pytest.raises(RuntimeError, match=r"clip-anytorch==2\.6\.0.*Run `"):
         assets.clip_bpe_file(cache_dir=tmp_path)
+
+
+def test_block_offload_streams_the_llm_layers_bit_exactly(llm, clip):
+    """--use-cpu-offload (mode block) streams the LLM's decoder layers; the encoding is unchanged."""
+    from hyvideo.lowmem.offload import LLM_BLOCKS, apply_offload
+
+    resident = llm.encode([PROMPT, PROMPT_2])
+    dit = torch.nn.Module()
+    dit.double_blocks, dit.single_blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)]), torch.nn.ModuleList()
+    plan = apply_offload({"text_encoder": llm, "text_encoder_2": clip, "transformer": dit}, mode="block",
+                         device="cpu", pin_memory=False)
+    try:
+        assert "text_encoder" in plan.offloaders and "text_encoder" not in plan.staged
+        offloader = plan.offloaders["text_encoder"]
+        layers = list(llm.model.get_submodule(LLM_BLOCKS[0].removeprefix("model.")))
+        assert offloader.units == layers and not any(offloader.is_onloaded(m) for m in layers)
+        with plan.stage("text_encoder", "text_encoder_2"):
+            streamed = llm.encode([PROMPT, PROMPT_2])
+    finally:
+        plan.remove()
+    assert torch.equal(streamed.hidden_state, resident.hidden_state)
+    assert torch.equal(streamed.attention_mask, resident.attention_mask)

@@ -1,9 +1,11 @@
-"""Dry-run estimate of peak accelerator memory for one text-to-video run, and which settings fit a card.
+"""Peak accelerator memory of one text-to-video run, per stage, and which settings fit a card.
 
-Nothing is loaded or allocated: the numbers come from parameter counts, the token count and a few per-token
-constants. They are estimates. The DiT activation term is scaled by a factor calibrated on the original's two
-published peaks (README: 60 GB at 720x1280x129 and 45 GB at 544x960x129, both with its `--use-cpu-offload`,
-bf16 and the tiled VAE); see `RESERVED_PER_ALLOCATED` and tests/test_memory_plan.py for how close that is.
+Nothing is loaded or allocated. The activation peaks of the DiT forward and of one VAE tile decode are traced:
+the real code runs at the real shapes and dtypes under FakeTensorMode with a counter of live tensor bytes
+(hyvideo/lowmem/memory_trace.py, proven against real tensors in tests/test_memory_trace.py). Weights come
+from exact parameter counts (checked against the model). The text encoder's small activations, the decoded
+video copies and the runtime overhead are arithmetic. Figures are allocated bytes: keep ~10% for the
+allocator.
 
 Stages and what is on the accelerator during each, per offload mode (hyvideo.lowmem.offload.OFFLOAD_MODES):
 
@@ -11,10 +13,11 @@ Stages and what is on the accelerator during each, per offload mode (hyvideo.low
 |------------|--------------------------|----------------------------------|------------------------|
 | none       | all weights              | all weights                      | all weights            |
 | model      | text encoders            | DiT                              | VAE                    |
-| block      | text encoders + DiT rest | DiT rest + (prefetch + 1) blocks | VAE + DiT rest         |
+| block      | CLIP + LLM rest + 2 LLM layers + rests | DiT rest + (prefetch + 1) blocks + LLM rest | VAE + rests |
 | sequential | DiT + largest LLM leaf   | DiT                              | DiT + largest VAE leaf |
 
-("DiT rest" = everything outside double_blocks / single_blocks, ~0.36B parameters.)
+("DiT rest" = everything outside double_blocks / single_blocks, ~0.36B parameters; "LLM rest" = its
+embedding table and final norm, ~0.53B parameters, resident while its decoder layers stream.)
 """
 
 from __future__ import annotations
@@ -30,28 +33,12 @@ from hyvideo.utils.data_utils import align_to
 GIB = 1 << 30
 _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
-# Live (B, N, D) tensors at the single-stream block's peak (hyvideo.modules.models.MMSingleStreamBlock), in
-# units of one hidden state in the compute dtype: the block input held by the caller (1), the fused linear1
-# output (7; q, k, v and the MLP input are views of it, and v keeps it alive), the rotated image q and k (2)
-# and their concatenation with the text part (2), the attention output (1), the activated MLP (4) and the
-# [attention | MLP] concatenation fed to linear2 (5). The double-stream block peaks lower (~20). Flash/SDPA
-# attention needs O(N) extra memory, not O(N^2).
-DIT_PEAK_HIDDEN_STATES = 22
-# The published peaks are about twice what the live tensors above add up to (the allocator keeps freed
-# multi-GB blocks of many sizes cached and fragmented; the original also keeps more fp32 temporaries), so the
-# activation term is multiplied by this calibration factor. With it the estimate is ~7% under both published
-# figures read as GiB, and within 2% of them read as 10^9 bytes (test_memory_plan.py).
-RESERVED_PER_ALLOCATED = 2.0
+# Activations are traced, not estimated: no calibration factor (kept as a name for callers, now 1).
+RESERVED_PER_ALLOCATED = 1.0
 # CUDA context, cuBLAS/cuDNN workspaces and the like: present in every stage.
 RUNTIME_OVERHEAD_GIB = 1.0
 
-# The VAE decoder's peak, in fp16 channel-equivalents per decoded voxel: the last up block's first resnet at
-# full resolution holds its 256-channel input, the float32 copy GroupNorm computes in and its float32 output
-# (2 x 512) while a 128-channel conv follows; for one 65 x 256 x 256 tile that is ~10 GiB.
-VAE_PEAK_CHANNELS = 1280
-VAE_TILE_LATENT = 32  # spatial tile, latent pixels (256 px)
-VAE_TILE_LATENT_FRAMES = 16  # temporal tile, latent frames (a tile decodes 16 + 1 of them)
-VAE_VIDEO_COPIES = 3  # decoded video, its rescaled and its clamped copy, before moving to the CPU
+VAE_VIDEO_COPIES = 3  # decoded video (blended result), video / 2 and + 0.5, before clamping and moving to the CPU
 VAE_PARAMS = 246_478_803  # official_spec.md §3.4
 VAE_LARGEST_LEAF_PARAMS = 512 * 512 * 27 + 512  # a 3x3x3 conv of the 512-channel blocks
 
@@ -79,6 +66,14 @@ class LlamaShape:
     @property
     def largest_leaf_params(self) -> int:
         return self.vocab * self.hidden  # embed_tokens
+
+    @property
+    def rest_params(self) -> int:
+        return self.vocab * self.hidden + self.hidden  # embed_tokens + final norm
+
+    @property
+    def layer_params(self) -> int:
+        return (self.params - self.rest_params) // self.layers
 
 
 LLAVA_LLAMA3_8B = LlamaShape()
@@ -179,6 +174,7 @@ class MemoryEstimate:
     vae_decode_workspace_gib: float
     host_weights_gib: float  # weights waiting in CPU memory under this mode
     stages: tuple[StagePeak, ...]
+    vae_tile: tuple[int, int] = (256, 64)  # decode tile (pixels, frames)
 
     @property
     def peak_gib(self) -> float:
@@ -197,14 +193,16 @@ class MemoryEstimate:
         return f"{self.height}x{self.width}x{self.video_length} {weights} offload={self.offload_mode}"
 
 
-def _vae_decode_bytes(t_lat: int, h_lat: int, w_lat: int, *, tiling: bool, batch: int, vae_bytes: int) -> int:
-    """Workspace of the largest single decoder call (one tile, or the whole video without tiling)."""
-    if tiling and t_lat > VAE_TILE_LATENT_FRAMES:
-        t_lat = VAE_TILE_LATENT_FRAMES + 1
-    if tiling and max(h_lat, w_lat) > VAE_TILE_LATENT:
-        h_lat, w_lat = min(h_lat, VAE_TILE_LATENT), min(w_lat, VAE_TILE_LATENT)
-    voxels = (1 + 4 * (t_lat - 1)) * (8 * h_lat) * (8 * w_lat)
-    return VAE_PEAK_CHANNELS * voxels * vae_bytes * batch
+def vae_tile_latent(t_lat: int, h_lat: int, w_lat: int, *, tiling: bool, tile_size: int = 256,
+                    tile_frames: int = 64) -> tuple[int, int, int]:
+    """Latent (T, h, w) of the largest single decoder call: one tile, or the whole video without tiling."""
+    if not tiling:
+        return t_lat, h_lat, w_lat
+    lat_t, lat_s = tile_frames // 4, tile_size // 8
+    t_lat = lat_t + 1 if t_lat > lat_t else t_lat  # a temporal tile decodes lat_t + 1 latent frames
+    if max(h_lat, w_lat) > lat_s:
+        h_lat, w_lat = min(h_lat, lat_s), min(w_lat, lat_s)
+    return t_lat, h_lat, w_lat
 
 
 def _check_inputs(height: int, width: int, video_length: int, precision: str, offload_mode: str) -> None:
@@ -234,8 +232,11 @@ def estimate_peak_memory(
     prefetch: int = 1,
     vae_precision: str = "fp16",
     text_encoder_precision: str = "fp16",
+    dit_chunk_tokens: int | None = None,
+    vae_tile_size: int = 256,
+    vae_tile_frames: int = 64,
 ) -> MemoryEstimate:
-    """Estimate the peak accelerator memory of one run (an estimate: see the module docstring).
+    """Peak accelerator memory of one run: traced activations + resident weights (see the module docstring).
 
     Args:
         height, width: pixels (rounded up to multiples of 16 as the sampler does). video_length: 1 or 4k+1.
@@ -245,10 +246,15 @@ def estimate_peak_memory(
         vae_tiling: tiled decoding (the default); untiled needs the whole video's decoder activations.
         text_len: LLM tokens given to the DiT. batch_size: videos denoised together.
         prefetch: blocks copied ahead under block offload.
+        dit_chunk_tokens: the DiT's token chunking (None automatic, 0 off; hyvideo/lowmem/chunking.py).
+        vae_tile_size, vae_tile_frames: VAE decode tile in pixels / frames.
     """
+    from hyvideo.constants import PRECISION_TO_TYPE
+    from hyvideo.lowmem.memory_trace import traced_dit_peak, traced_vae_tile_peak
+
     _check_inputs(height, width, video_length, precision, offload_mode)
     height, width = align_to(height, 16), align_to(width, 16)
-    c, act_bytes = dit_config, _BYTES[precision]
+    c = dit_config
     batch = batch_size * (2 if cfg_scale > 1.0 else 1)
     latent = ((video_length - 1) // 4 + 1, height // 8, width // 8)  # (T', H/8, W/8)
     img_tokens = math.prod(n // p for n, p in zip(latent, c.patch_size))
@@ -260,28 +266,30 @@ def estimate_peak_memory(
     te = (LLAVA_LLAMA3_8B.params + CLIP_TEXT_PARAMS) * te_bytes
     vae = VAE_PARAMS * vae_bytes
 
-    # 2. Transients per stage
-    activations = DIT_PEAK_HIDDEN_STATES * batch * tokens * c.hidden_size * act_bytes
-    small = 2 * img_tokens * c.head_dim * 4  # RoPE cos/sin, float32
-    small += 3 * batch * c.in_channels * math.prod(latent) * 4  # latents, model input, velocity
-    small += batch * text_len * c.text_states_dim * act_bytes
-    if use_fp8:  # dequantised copy of the largest block weight, and its scaled product
-        small += 2 * c.hidden_size * (3 * c.hidden_size + c.mlp_hidden_dim) * act_bytes
+    # 2. Transients per stage: the DiT forward and one VAE tile are traced; latents, scheduler copies and
+    #    the decoded video copies are arithmetic
+    activations = traced_dit_peak(c, latent, batch=batch, text_len=text_len, dtype=PRECISION_TO_TYPE[precision],
+                                  use_fp8=use_fp8, chunk_tokens=dit_chunk_tokens)
+    small = 3 * batch * c.in_channels * math.prod(latent) * 4  # latents, noise prediction, scheduler step
     llm = LLAVA_LLAMA3_8B
     encode = batch * LLM_TOKENS * ((llm.layers + 1) * llm.hidden + 3 * llm.intermediate) * te_bytes
-    decode_ws = _vae_decode_bytes(*latent, tiling=vae_tiling, batch=batch_size, vae_bytes=vae_bytes)
+    tile = vae_tile_latent(*latent, tiling=vae_tiling, tile_size=vae_tile_size, tile_frames=vae_tile_frames)
+    decode_ws = traced_vae_tile_peak(tile, batch=batch_size, dtype=PRECISION_TO_TYPE[vae_precision])
     decode = decode_ws + VAE_VIDEO_COPIES * batch_size * 3 * video_length * height * width * vae_bytes
-    transients = (encode, activations * RESERVED_PER_ALLOCATED + small, decode)
+    transients = (encode, activations + small, decode)
 
-    # 3. Weights on the accelerator per stage (encode, denoise, decode), and waiting in host memory
+    # 3. Weights on the accelerator per stage (encode, denoise, decode), and waiting in host memory. Under
+    #    block offload the LLM's decoder layers stream like the DiT's blocks; its rest stays resident.
+    llm_rest = llm.rest_params * te_bytes
+    llm_streamed = llm_rest + (prefetch + 1) * llm.layer_params * te_bytes + CLIP_TEXT_PARAMS * te_bytes
     resident = {
         "none": (te + dit_total + vae,) * 3,
         "model": (te, dit_total, vae),
-        "block": (te + rest, dit_streamed, vae + rest),
+        "block": (llm_streamed + rest, dit_streamed + llm_rest, vae + rest + llm_rest),
         "sequential": (dit_total + llm.largest_leaf_params * te_bytes, dit_total,
                        dit_total + VAE_LARGEST_LEAF_PARAMS * vae_bytes),
     }[offload_mode]
-    host = {"none": 0, "model": te + dit_total + vae, "block": te + vae + dit_total - rest,
+    host = {"none": 0, "model": te + dit_total + vae, "block": te - llm_rest + vae + dit_total - rest,
             "sequential": te + vae}[offload_mode]
     stages = tuple(StagePeak(name, w / GIB, t / GIB, (w + t) / GIB + RUNTIME_OVERHEAD_GIB)
                    for name, w, t in zip(("encode", "denoise", "decode"), resident, transients))
@@ -291,8 +299,9 @@ def estimate_peak_memory(
         dit_weights_gib=(dit_streamed if offload_mode == "block" else dit_total) / GIB,
         dit_weights_total_gib=dit_total / GIB, text_encoder_weights_gib=te / GIB, vae_weights_gib=vae / GIB,
         activations_gib=activations / GIB,
-        activations_reserved_gib=activations * RESERVED_PER_ALLOCATED / GIB,
+        activations_reserved_gib=activations / GIB,
         vae_decode_workspace_gib=decode_ws / GIB, host_weights_gib=host / GIB, stages=stages,
+        vae_tile=(vae_tile_size, vae_tile_frames),
     )
 
 
@@ -351,16 +360,36 @@ def plan_for_card(
     return [row[-1] for row in sorted(fitting, key=lambda r: r[:4])]
 
 
+# VAE decode tiles tried when the default does not fit, largest first (pixels, frames); each keeps the
+# original's overlap geometry (the kept part of a tile equals its stride).
+SMALLER_VAE_TILES: tuple[tuple[int, int], ...] = ((256, 64), (192, 64), (128, 64), (128, 32), (128, 16))
+
+
+def fit_vae_tiles(card_gib: float, **kwargs) -> MemoryEstimate:
+    """The estimate with the largest VAE tiles (from SMALLER_VAE_TILES) that fits `card_gib`, else the
+    smallest tiles' estimate. `kwargs` as for `estimate_peak_memory` (without the tile sizes)."""
+    estimate = None
+    for size, frames in SMALLER_VAE_TILES:
+        estimate = estimate_peak_memory(vae_tile_size=size, vae_tile_frames=frames, **kwargs)
+        if estimate.fits(card_gib):
+            break
+    return estimate
+
+
+def _tile_label(e: MemoryEstimate) -> str:
+    return f"{e.vae_tile[0]}/{e.vae_tile[1]}" if e.vae_tiling else "off"
+
+
 def format_plan(
     estimates: MemoryEstimate | Sequence[MemoryEstimate], *, card_gib: float | None = None
 ) -> str:
     """A readable table of estimates (one row each, peak per stage in GiB)."""
     rows = [estimates] if isinstance(estimates, MemoryEstimate) else list(estimates)
-    title = "Estimated peak accelerator memory, GiB (estimates from parameter counts and token counts, not "
-    title += "measurements; keep ~10% margin)"
+    title = "Peak accelerator memory, GiB: activations traced (real code, full-size shapes, FakeTensorMode), "
+    title += "weights from parameter counts; allocated bytes, keep ~10% margin"
     if card_gib is not None:
         title += f" -- card: {card_gib:g} GiB"
-    header = (f"{'size':>14} {'tokens':>7} {'weights':>9} {'offload':>10} {'cfg':>4} {'tile':>4} "
+    header = (f"{'size':>14} {'tokens':>7} {'weights':>9} {'offload':>10} {'cfg':>4} {'tile':>7} "
               f"{'DiT w':>6} {'act':>6} {'VAE ws':>6} {'encode':>7} {'denoise':>7} {'decode':>7} {'peak':>6} "
               f"{'host':>6}")
     lines = [title, header, "-" * len(header)]
@@ -370,10 +399,10 @@ def format_plan(
         fits = "" if card_gib is None else ("  fits" if e.fits(card_gib) else "  too big")
         lines.append(
             f"{e.height:>4}x{e.width:<4}x{e.video_length:<4} {e.tokens:>7} {weights:>9} {e.offload_mode:>10} "
-            f"{e.cfg_scale:>4g} {'on' if e.vae_tiling else 'off':>4} {e.dit_weights_gib:>6.1f} "
+            f"{e.cfg_scale:>4g} {_tile_label(e):>7} {e.dit_weights_gib:>6.1f} "
             f"{e.activations_reserved_gib:>6.1f} {e.vae_decode_workspace_gib:>6.1f} {enc:>7.1f} {den:>7.1f} "
             f"{dec:>7.1f} {e.peak_gib:>6.1f} {e.host_weights_gib:>6.1f}{fits}"
         )
-    lines.append("DiT w: DiT weights on the accelerator while denoising; act: DiT activations incl. "
-                 f"allocator overhead (x{RESERVED_PER_ALLOCATED:g}); host: weights waiting in CPU RAM.")
+    lines.append("DiT w: DiT weights on the accelerator while denoising; act: traced DiT activation peak; VAE ws: "
+                 "traced peak of one tile decode; host: weights waiting in CPU RAM.")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..lowmem.chunking import map_token_chunks, resolve_chunk_tokens, token_ranges
 from .modulate_layers import modulate
 from .norm_layers import FP32LayerNorm
 
@@ -83,6 +84,7 @@ class FinalLayer(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        self.chunk_tokens: int | None = None  # token chunking (hyvideo/lowmem/chunking.py): None = automatic
         self.norm_final = FP32LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6, device=device)
         out_features = patch_size[0] * patch_size[1] * patch_size[2] * out_channels
         # Parity: the original builds this Linear without its dtype kwargs, so it is float32 whatever the
@@ -96,5 +98,13 @@ class FinalLayer(nn.Module):
         """x (B, L_img, D), vec (B, D) -> (B, L_img, pt*ph*pw*C_out)."""
         # Parity: chunk order (shift, scale); diffusers stores the two halves swapped.
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)
+        chunk = resolve_chunk_tokens(self.chunk_tokens, x.shape[1])
+        if chunk < x.shape[1]:  # per token: the float32 normalised copy then exists one chunk at a time
+            return map_token_chunks(
+                lambda t: self._project(x[:, t], shift, scale), token_ranges(0, x.shape[1], chunk), x.shape[1]
+            )
+        return self._project(x, shift, scale)
+
+    def _project(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         x = modulate(self.norm_final(x), shift, scale)  # float32 island
         return self.linear(x.to(self.linear.weight.dtype))

@@ -11,10 +11,20 @@ import itertools
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..constants import DiTConfig
 from ..diffusion.cache import BlockStack, StepCache
+from ..lowmem.chunking import (
+    TokenBuffers,
+    check_chunk_setting,
+    dense_weight,
+    linear_part,
+    map_token_chunks,
+    resolve_chunk_tokens,
+    token_ranges,
+)
 from ..parallel.dit import ImageTokenSplit
 from ..parallel.groups import SequenceParallelState
 from .attention import AttentionBackend, attention, resolve_attention_backend
@@ -87,6 +97,7 @@ class MMDoubleStreamBlock(nn.Module):
         d, d_mlp, act = config.hidden_size, config.mlp_hidden_dim, get_activation_layer(config.mlp_act_type)
         bias = config.qkv_bias
         self.heads_num = config.heads_num
+        self.chunk_tokens: int | None = None  # token chunking (hyvideo/lowmem/chunking.py): None = automatic
 
         self.img_mod = ModulateDiT(d, 6, nn.SiLU, **factory)
         self.img_norm1 = FP32LayerNorm(d, elementwise_affine=False, eps=1e-6)
@@ -125,6 +136,9 @@ class MMDoubleStreamBlock(nn.Module):
         backend: AttentionBackend,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """img (B, L_img, D), txt (B, L_txt, D), vec (B, D), freqs 2 x (L_img, D_h) -> updated (img, txt)."""
+        chunk = resolve_chunk_tokens(self.chunk_tokens, img.shape[1])
+        if chunk < img.shape[1]:
+            return self._forward_chunked(img, txt, vec, freqs, key_mask=key_mask, backend=backend, chunk=chunk)
         # 1. Modulation: (shift, scale, gate) for attention and for the MLP, per stream
         img_msa, img_mlp = self.img_mod(vec)
         txt_msa, txt_mlp = self.txt_mod(vec)
@@ -166,6 +180,48 @@ class MMDoubleStreamBlock(nn.Module):
         )
         return img, txt
 
+    def _stream_qkv(self, prefix: str, x: torch.Tensor, mod: ModulationOut):
+        return _modulated_qkv(
+            x,
+            mod,
+            getattr(self, f"{prefix}_norm1"),
+            getattr(self, f"{prefix}_attn_qkv"),
+            getattr(self, f"{prefix}_attn_q_norm"),
+            getattr(self, f"{prefix}_attn_k_norm"),
+            self.heads_num,
+        )
+
+    def _stream_residuals(self, prefix: str, x, attn, msa: ModulationOut, mlp: ModulationOut) -> torch.Tensor:
+        proj, norm2 = getattr(self, f"{prefix}_attn_proj"), getattr(self, f"{prefix}_norm2")
+        return _gated_residuals(x, attn, msa, mlp, proj, norm2, getattr(self, f"{prefix}_mlp"))
+
+    def _forward_chunked(self, img, txt, vec, freqs, *, key_mask, backend, chunk: int):
+        """`forward` with the image tokens processed `chunk` at a time outside attention (same maths)."""
+        img_len, txt_len = img.shape[1], txt.shape[1]
+        # 1. Modulation, per stream
+        img_msa, img_mlp = self.img_mod(vec)
+        txt_msa, txt_mlp = self.txt_mod(vec)
+        # 2. q, k, v written chunk by chunk into the joint [img | txt] buffers (B, L_img + L_txt, H, D_h):
+        #    no full-size fused qkv output, no separate rotated copies, no concatenation
+        qkv = TokenBuffers(img_len + txt_len)
+        for tokens in token_ranges(0, img_len, chunk):
+            q, k, v = self._stream_qkv("img", img[:, tokens], img_msa)
+            q, k = apply_rotary_emb(q, k, freqs[0][tokens], freqs[1][tokens])
+            qkv.write(tokens, q, k, v)
+            del q, k, v  # v views this chunk's fused projection: free it before the next chunk
+        qkv.write(slice(img_len, None), *self._stream_qkv("txt", txt, txt_msa))
+        # 3. Joint attention -> (B, L_img + L_txt, D); the q/k/v buffers are freed right after
+        attn = attention(*qkv.tensors, backend=backend, key_mask=key_mask)
+        del qkv
+        # 4. Gated residuals per chunk into a new (B, L_img, D) output (the input may still be referenced)
+        img_out = map_token_chunks(
+            lambda t: self._stream_residuals("img", img[:, t], attn[:, t], img_msa, img_mlp),
+            token_ranges(0, img_len, chunk),
+            img_len,
+        )
+        txt_out = self._stream_residuals("txt", txt, attn[:, img_len:], txt_msa, txt_mlp)
+        return img_out, txt_out
+
 
 class MMSingleStreamBlock(nn.Module):
     """Shared weights over [img | txt]: attention and MLP computed in parallel from one fused projection."""
@@ -179,6 +235,7 @@ class MMSingleStreamBlock(nn.Module):
         self.heads_num = config.heads_num
         self.hidden_size = d
         self.mlp_hidden_dim = config.mlp_hidden_dim
+        self.chunk_tokens: int | None = None  # token chunking (hyvideo/lowmem/chunking.py): None = automatic
         # linear1 rows: [q | k | v | mlp in]; linear2 columns: [attention out | mlp hidden]
         self.linear1 = nn.Linear(d, 3 * d + self.mlp_hidden_dim, bias=True, **factory)
         self.linear2 = nn.Linear(d + self.mlp_hidden_dim, d, bias=True, **factory)
@@ -199,6 +256,10 @@ class MMSingleStreamBlock(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:
         """x (B, L_img + L_txt, D) with image tokens first, vec (B, D), freqs 2 x (L_img, D_h) -> x."""
+        chunk = resolve_chunk_tokens(self.chunk_tokens, x.shape[1])
+        if chunk < x.shape[1]:
+            return self._forward_chunked(x, vec, freqs, img_len=img_len, key_mask=key_mask, backend=backend,
+                                         chunk=chunk)
         # 1. Modulation and the fused projection: qkv (B, L, 3D), mlp (B, L, D_mlp)
         (mod,) = self.modulation(vec)
         x_mod = modulate(self.pre_norm(x), mod.shift, mod.scale).to(x.dtype)  # float32 island
@@ -212,6 +273,79 @@ class MMSingleStreamBlock(nn.Module):
         # 3. Attention (B, L, D), then linear2 over [attention | activated mlp], gated residual
         attn = attention(q, k, v, backend=backend, key_mask=key_mask)
         return x + apply_gate(self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2)), mod.gate)
+
+    def _chunk_x_mod(self, x: torch.Tensor, mod: ModulationOut, tokens: slice) -> torch.Tensor:
+        return modulate(self.pre_norm(x[:, tokens]), mod.shift, mod.scale).to(x.dtype)  # float32 island
+
+    def _chunk_qkv(self, fused: torch.Tensor, freqs, tokens: slice, img_len: int):
+        """(B, n, 3D) fused projection of tokens `tokens` -> q, k (normalised, RoPE), v (B, n, H, D_h)."""
+        q, k, v = fused.unflatten(-1, (3, self.heads_num, -1)).unbind(2)
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+        if tokens.start < img_len:  # chunks never straddle the image/text boundary (see _forward_chunked)
+            q, k = apply_rotary_emb(q, k, freqs[0][tokens], freqs[1][tokens])
+        return q, k, v
+
+    def _forward_chunked(self, x, vec, freqs, *, img_len: int, key_mask, backend, chunk: int) -> torch.Tensor:
+        """`forward` with the tokens processed `chunk` at a time outside attention (same maths).
+
+        linear1 is used by row blocks: its q/k/v rows before attention, its MLP rows after it, chunk by chunk
+        (the modulated input is recomputed, an elementwise step), and linear2 as attention part + MLP part
+        with the split weight. So neither the (B, L, D_mlp) MLP activations nor the [attention | MLP]
+        concatenation ever exist at full size, and the output overwrites the attention output in place.
+        """
+        length, d, lin1 = x.shape[1], self.hidden_size, self.linear1
+        ranges = token_ranges(0, img_len, chunk) + token_ranges(img_len, length, chunk)
+        weight1, weight2 = dense_weight(lin1), dense_weight(self.linear2)  # None: unknown wrapper
+        if weight1 is None or weight2 is None:
+            return self._forward_chunked_modules(x, vec, freqs, img_len=img_len, key_mask=key_mask,
+                                                 backend=backend, ranges=ranges)
+        qkv_rows, mlp_rows = slice(0, 3 * d), slice(3 * d, None)
+        bias1 = (None, None) if lin1.bias is None else (lin1.bias[qkv_rows], lin1.bias[mlp_rows])
+        # 1. Modulation; q, k, v chunk by chunk into full-size buffers (B, L, H, D_h)
+        (mod,) = self.modulation(vec)
+        qkv = TokenBuffers(length)
+        for tokens in ranges:
+            fused = F.linear(self._chunk_x_mod(x, mod, tokens), weight1[qkv_rows], bias1[0])  # (B, n, 3D)
+            qkv.write(tokens, *self._chunk_qkv(fused, freqs, tokens, img_len))
+            del fused
+        # 2. Attention (B, L, D); the q/k/v buffers are freed right after
+        attn = attention(*qkv.tensors, backend=backend, key_mask=key_mask)
+        del qkv
+
+        # 3. Per chunk: MLP rows of linear1, activation, linear2 = attention part + MLP part, gated residual
+        def finish(tokens: slice) -> torch.Tensor:
+            mlp = self.mlp_act(F.linear(self._chunk_x_mod(x, mod, tokens), weight1[mlp_rows], bias1[1]))
+            out = linear_part(attn[:, tokens], weight2, slice(0, d), self.linear2.bias)
+            out = out + linear_part(mlp, weight2, slice(d, None))
+            return x[:, tokens] + apply_gate(out, mod.gate)
+
+        if torch.is_grad_enabled() or attn.dtype != x.dtype:
+            return map_token_chunks(finish, ranges, length)
+        for tokens in ranges:  # inference: each chunk's output replaces its (used) attention output
+            attn[:, tokens] = finish(tokens)
+        return attn
+
+    def _forward_chunked_modules(self, x, vec, freqs, *, img_len: int, key_mask, backend, ranges):
+        """The chunked forward for linear layers we cannot split (e.g. wrapped by an adapter): they are called
+        as modules on chunks, and the activated MLP (B, L, D_mlp) is kept across attention."""
+        (mod,) = self.modulation(vec)
+        qkv, mlp_act = TokenBuffers(x.shape[1]), TokenBuffers(x.shape[1])
+        for tokens in ranges:
+            fused, mlp = self.linear1(self._chunk_x_mod(x, mod, tokens)).split(
+                (3 * self.hidden_size, self.mlp_hidden_dim), dim=-1
+            )
+            qkv.write(tokens, *self._chunk_qkv(fused, freqs, tokens, img_len))
+            mlp_act.write(tokens, self.mlp_act(mlp))
+            del fused, mlp
+        attn = attention(*qkv.tensors, backend=backend, key_mask=key_mask)
+        del qkv
+        (mlp,) = mlp_act.tensors
+
+        def finish(tokens: slice) -> torch.Tensor:
+            out = self.linear2(torch.cat((attn[:, tokens], mlp[:, tokens]), dim=2))
+            return x[:, tokens] + apply_gate(out, mod.gate)
+
+        return map_token_chunks(finish, ranges, x.shape[1])
 
 
 def unpatchify(
@@ -302,6 +436,15 @@ class HYVideoDiffusionTransformer(nn.Module):
             MMSingleStreamBlock(config, **factory) for _ in range(config.mm_single_blocks_depth)
         )
         self.final_layer = FinalLayer(d, self.patch_size, config.out_channels, nn.SiLU, **factory)
+
+    def set_chunk_tokens(self, setting: int | None) -> None:
+        """Token chunking of the blocks and the final layer: None automatic, 0 off, N tokens per chunk.
+
+        Same maths either way (hyvideo/lowmem/chunking.py); a sequence that fits one chunk runs unchunked.
+        """
+        check_chunk_setting(setting)
+        for module in (*self.double_blocks, *self.single_blocks, self.final_layer):
+            module.chunk_tokens = setting
 
     def set_attention_backend(self, name: str) -> None:
         """Switch the attention backend (resolved and validated like the constructor argument)."""

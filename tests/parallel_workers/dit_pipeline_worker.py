@@ -59,6 +59,10 @@ def run_layout(state: SequenceParallelState, dit, vae, record: Recorder) -> None
         for name in cases.DIT_CASES:
             record(f"{tag}/dit/{name}", dit(**cases.dit_inputs(name)))
             record.fact(f"{tag}/dit/{name}/final_layer_tokens", final_tokens.pop())
+        dit.set_chunk_tokens(4)  # token chunking inside the blocks, on each rank's share of the tokens
+        record(f"{tag}/dit/odd_mixed_text/chunked", dit(**cases.dit_inputs("odd_mixed_text")))
+        final_tokens.pop()
+        dit.set_chunk_tokens(None)
         for name in cases.VAE_CASES:
             cases.set_vae_tiling(vae, name)
             record(f"{tag}/vae/{name}", parallel_vae_decode(vae, cases.vae_latents(name), state))
