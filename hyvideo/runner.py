@@ -159,15 +159,18 @@ def _sample(configs: Configs, save_dir: Path, state) -> None:
             save_outputs(out, configs, save_dir)
 
 
-def save_outputs(out, configs: Configs, save_dir: Path) -> list[Path]:
-    """One mp4 per video, each with a JSON sidecar (and latents with --save-latents)."""
+def save_outputs(out, configs: Configs, save_dir: Path, extra_facts: dict | None = None) -> list[Path]:
+    """One mp4 per video, each with a JSON sidecar (and latents with --save-latents).
+
+    `extra_facts` go into every sidecar too (e.g. the server's job id).
+    """
     time_flag = make_time_flag()
     written = []
     for i, seed in enumerate(out.seeds):
         stem = safe_filename(out.prompt, seed=seed, time_flag=time_flag)
         path = unique_path(save_dir, stem, ".mp4", sibling_suffixes=(".json", ".safetensors"))
         record = run_record(configs, prompt=out.prompt, negative_prompt=out.negative_prompt, seed=seed,
-                            size=out.size, timings=out.timings)
+                            size=out.size, timings=out.timings, **(extra_facts or {}))
         if configs.runtime.save_latents:
             record["latents_file"] = path.with_suffix(".safetensors").name
             save_latents(path.with_suffix(".safetensors"), out.latents[i : i + 1], record)
