@@ -79,8 +79,8 @@ def build_page(service: Service) -> gr.Blocks:
                     job_id = gr.Textbox(label="Job id (also in /v1/videos)", interactive=False, elem_id="job_id")
                 sidecar = gr.File(label="Sidecar (prompt, seed, every setting)", elem_id="sidecar",
                                   interactive=False)
-        gallery = gr.Gallery(label="Earlier results (newest first)", columns=6, height="auto",
-                             elem_id="gallery", interactive=False)
+        gallery = gr.Gallery(label="Earlier results (newest first)", columns=6, height=260, preview=False,
+                             object_fit="contain", elem_id="gallery", interactive=False)
 
         resolution.change(lambda label: _RESOLUTIONS.get(label, (gr.skip(), gr.skip())), resolution,
                           [width, height], queue=False)
@@ -152,8 +152,10 @@ def _generate_handler(service: Service):
 def _cancel_handler(service: Service):
     def cancel(job_id: str):
         job = service.store.request_cancel(job_id) if job_id else None
-        if job is None or job.status not in ("queued", "in_progress"):
-            return "Nothing to cancel." if job is None else f"Cancelled ({job.status})."
+        if job is None or job.status == "completed":
+            return "Nothing to cancel."
+        if job.status == "failed":
+            return f"Cancelled ({job.error_code})."
         return "Cancelling: the job stops after its current step."
 
     return cancel

@@ -18,9 +18,9 @@ from hyvideo.server.store import Job, JobStore
 
 logger = logging.getLogger(__name__)
 
-TINY_BANNER = ("Demo mode: no HunyuanVideo weights were found, so this server runs on TINY RANDOM weights "
-               "(hyvideo/testing). Everything is real except the weights: the videos are noise. "
-               "Put the official weights under ckpts/ (see ckpts/README.md) or pass --model-base.")
+TINY_BANNER = ("Demo mode: this server runs on TINY RANDOM weights (hyvideo/testing), not HunyuanVideo's. "
+               "Everything is real except the weights: the videos are noise. For real videos put the "
+               "official weights under ckpts/ (see ckpts/README.md) or pass --model-base.")
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Service:
             "size": request.size, "seconds": request.seconds, "error": error,
             # ours
             "prompt": request.prompt, "frames": request.frames, "n": request.n, "seed": job.seed,
-            "step": job.step, "total_steps": job.total_steps, "queue_position": self.store.queue_position(job),
+            "started_at": int(job.started_at) if job.started_at else None, "step": job.step, "total_steps": job.total_steps, "queue_position": self.store.queue_position(job),
             "cancel_requested": job.cancel_requested, "files": [Path(n).name for n in job.outputs],
             "request": {k: v for k, v in job.request.items() if k != "prompt"},
         }
