@@ -157,57 +157,52 @@ def tiny_tree(tmp_path_factory) -> Path:
     return write_tiny_checkpoints(tmp_path_factory.mktemp("ckpts"))
 
 
+LONG_JOB = {"size": "128x128", "frames": 17, "steps": 100}  # long enough to be caught running
+
+
 def _no_partial_files(folder: Path) -> bool:
     return not [p for p in folder.iterdir() if ".partial" in p.name]
 
 
-def test_live_create_poll_content_order_and_cancel(tiny_tree, tmp_path):
+@pytest.mark.slow  # two server starts (model loading, Gradio import): ~30 s idle, more on a busy machine
+def test_live_server_jobs_cancel_and_sigkill_restart(tiny_tree, tmp_path):
+    """One server process for create/poll/content/order/cancel/delete, SIGKILLed mid-job, then restarted."""
     save = tmp_path / "out"
     server = LiveServer(tiny_tree, save).wait_ready()
     try:
         api = server.client
+        # 1. Two jobs queued at once complete one at a time, in order.
         first = api.post("/v1/videos", json={"prompt": "first", "seed": 11, **SMALL_JOB}).json()
         second = api.post("/v1/videos", json={"prompt": "second", **SMALL_JOB}).json()
         done = [server.wait_job(j["id"]) for j in (first, second)]
         assert [j["status"] for j in done] == ["completed", "completed"], done
-        assert done[0]["completed_at"] <= done[1]["started_at"]  # one at a time, in order
+        assert done[0]["completed_at"] <= done[1]["started_at"]
         assert done[0]["seed"] == 11 and isinstance(done[1]["seed"], int)  # drawn and reported
+        # 2. The content is the mp4 on disk; its sidecar records the job.
         content = api.get(f"/v1/videos/{first['id']}/content")
         assert content.status_code == 200 and content.headers["content-type"] == "video/mp4"
         assert content.content[4:8] == b"ftyp"
-        (mp4,) = [p for p in save.glob("*.mp4") if p.name == done[0]["files"][0]]
+        mp4 = save / done[0]["files"][0]
         assert mp4.read_bytes() == content.content
         sidecar = json.loads(mp4.with_suffix(".json").read_text())
         assert (sidecar["seed"], sidecar["job_id"], sidecar["prompt"]) == (11, first["id"], "first")
         assert sidecar["settings"]["sampling"]["infer_steps"] == SMALL_JOB["steps"]
-        # Cancel a long job while it runs: it stops between steps and writes nothing.
-        long = api.post("/v1/videos", json={"prompt": "long", "size": "128x128", "frames": 17,
-                                            "steps": 100}).json()
+        # 3. Cancel a long job while it runs: it stops between steps and writes nothing.
+        long = api.post("/v1/videos", json={"prompt": "long", **LONG_JOB}).json()
         server.wait_job(long["id"], statuses=("in_progress",))
         assert api.post(f"/v1/videos/{long['id']}/cancel").json()["cancel_requested"]
         stopped = server.wait_job(long["id"])
         assert stopped["status"] == "failed" and stopped["error"]["code"] == "cancelled", stopped
         assert len(list(save.glob("*.mp4"))) == 2 and _no_partial_files(save)
-        # Delete removes the files too.
-        assert api.delete(f"/v1/videos/{first['id']}").json()["deleted"]
-        assert not mp4.exists() and not mp4.with_suffix(".json").exists()
-    finally:
-        server.stop()
-
-
-def test_sigkill_with_one_running_and_one_queued_loses_nothing(tiny_tree, tmp_path):
-    save = tmp_path / "out"
-    server = LiveServer(tiny_tree, save).wait_ready()
-    try:
-        done = server.client.post("/v1/videos", json={"prompt": "done before", **SMALL_JOB}).json()
-        server.wait_job(done["id"])
-        running = server.client.post("/v1/videos", json={"prompt": "running", "size": "128x128", "frames": 17,
-                                                         "steps": 100}).json()
-        queued = server.client.post("/v1/videos", json={"prompt": "queued", **SMALL_JOB}).json()
+        # 4. Delete removes the files too.
+        assert api.delete(f"/v1/videos/{second['id']}").json()["deleted"]
+        assert not (save / done[1]["files"][0]).exists()
+        # 5. One job running, one queued, then SIGKILL: no clean-up of any kind.
+        running = api.post("/v1/videos", json={"prompt": "running", **LONG_JOB}).json()
+        queued = api.post("/v1/videos", json={"prompt": "queued", **SMALL_JOB}).json()
         server.wait_job(running["id"], statuses=("in_progress",))
-        time.sleep(0.5)
     finally:
-        server.kill()  # SIGKILL: no clean-up of any kind
+        server.kill()
     restarted = LiveServer(tiny_tree, save).wait_ready()  # a new port, the same output folder and queue
     try:
         finished = restarted.wait_job(queued["id"])
@@ -215,8 +210,8 @@ def test_sigkill_with_one_running_and_one_queued_loses_nothing(tiny_tree, tmp_pa
         interrupted = restarted.client.get(f"/v1/videos/{running['id']}").json()
         assert interrupted["status"] == "failed" and interrupted["error"]["code"] == "interrupted"
         listed = restarted.client.get("/v1/videos?order=asc").json()["data"]
-        assert [j["id"] for j in listed] == [done["id"], running["id"], queued["id"]]
-        assert restarted.client.get(f"/v1/videos/{done['id']}/content").status_code == 200
+        assert [j["id"] for j in listed] == [first["id"], long["id"], running["id"], queued["id"]]
+        assert restarted.client.get(f"/v1/videos/{first['id']}/content").status_code == 200
         assert len(list(save.glob("*.mp4"))) == 2 and _no_partial_files(save)
     finally:
         restarted.stop()
