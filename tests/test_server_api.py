@@ -187,6 +187,16 @@ def test_live_server_jobs_cancel_and_sigkill_restart(tiny_tree, tmp_path):
         sidecar = json.loads(mp4.with_suffix(".json").read_text())
         assert (sidecar["seed"], sidecar["job_id"], sidecar["prompt"]) == (11, first["id"], "first")
         assert sidecar["settings"]["sampling"]["infer_steps"] == SMALL_JOB["steps"]
+        # 2b. The page's /generate endpoint through gradio_client (README example), same queue.
+        from gradio_client import Client
+
+        client = Client(server.url + "/", verbose=False)
+        job_id, status, video, seed, sidecar_file, _ = client.predict(
+            "from gradio_client", "", 64, 48, 5, 2, "42", 6.0, 1.0, 7.0, 1, api_name="/generate")
+        assert status.startswith("Done") and seed == "42" and video, status
+        assert api.get(f"/v1/videos/{job_id}").json()["seed"] == 42
+        assert json.loads(Path(sidecar_file).read_text())["seed"] == 42
+        assert api.delete(f"/v1/videos/{job_id}").json()["deleted"]
         # 3. Cancel a long job while it runs: it stops between steps and writes nothing.
         long = api.post("/v1/videos", json={"prompt": "long", **LONG_JOB}).json()
         server.wait_job(long["id"], statuses=("in_progress",))
