@@ -46,8 +46,9 @@ class LiveServer:
         if nproc > 1:
             launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         self._log_file = open(self.log, "ab")  # noqa: SIM115 - closed in stop()/kill()
-        self.proc = subprocess.Popen([*launcher, str(REPO / "gradio_server.py"), *args], cwd=REPO, env=run_env,
-                                     stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen([*launcher, str(REPO / "gradio_server.py"), *args], cwd=REPO,
+                                     env=run_env, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         headers = {"Authorization": f"Bearer {run_env['HYVIDEO_SERVER_TOKEN']}"} \
             if "HYVIDEO_SERVER_TOKEN" in run_env else {}
         self.client = httpx.Client(base_url=self.url, timeout=30, headers=headers)

@@ -88,7 +88,8 @@ def test_malformed_bodies_and_parameters_get_4xx_not_500(client, service):
 
 
 def test_form_fields_as_openai_sdk_sends_them(client):
-    answer = client.post("/v1/videos", data={"prompt": "a cat", "seconds": "2", "size": "64x48", "steps": "3"})
+    form = {"prompt": "a cat", "seconds": "2", "size": "64x48", "steps": "3"}
+    answer = client.post("/v1/videos", data=form)
     assert answer.status_code == 200, answer.text
     job = answer.json()
     assert (job["frames"], job["size"], job["total_steps"], job["status"]) == (49, "64x48", 3, "queued")
@@ -127,8 +128,9 @@ def test_request_maps_onto_sampling_config():
                              "guidance_scale": 2, "negative_prompt": "blur", "n": 2, "flow_shift": 5.0},
                             DEFAULTS, LIMITS)
     sampling = request.sampling_config(DEFAULTS, seed=5)
-    assert (sampling.prompts, sampling.width, sampling.height, sampling.video_length) == (("a cat",), 96, 64, 49)
-    assert (sampling.infer_steps, sampling.seed, sampling.cfg_scale, sampling.neg_prompt) == (7, 5, 2.0, "blur")
+    s = sampling
+    assert (s.prompts, s.width, s.height, s.video_length) == (("a cat",), 96, 64, 49)
+    assert (s.infer_steps, s.seed, s.cfg_scale, s.neg_prompt) == (7, 5, 2.0, "blur")
     assert (sampling.num_videos, sampling.flow_shift, sampling.embedded_cfg_scale) == (2, 5.0, 6.0)
     assert JobRequest.from_dict(json.loads(json.dumps(request.to_dict()))) == request  # survives the store
     with pytest.raises(RequestError):

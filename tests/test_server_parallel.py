@@ -21,7 +21,8 @@ def test_torchrun_two_ranks_serve_jobs_end_to_end(tmp_path):
                         extra=("--ulysses-degree", "2")).wait_ready()
     try:
         api = server.client
-        first = server.wait_job(api.post("/v1/videos", json={"prompt": "two ranks", **SMALL_JOB}).json()["id"])
+        created = api.post("/v1/videos", json={"prompt": "two ranks", **SMALL_JOB}).json()
+        first = server.wait_job(created["id"])
         assert first["status"] == "completed", server.tail()
         sidecar = json.loads((save / first["files"][0]).with_suffix(".json").read_text())
         assert sidecar["settings"]["runtime"]["world_size"] == 2 and sidecar["seed"] == first["seed"]

@@ -196,7 +196,8 @@ def _job(service: Service, video_id: str):
 def _file(service: Service, video_id: str, index: int, suffix: str, media_type: str) -> FileResponse:
     job = _job(service, video_id)
     if job.status != "completed":
-        raise ApiError(409, f"video {video_id} is {job.status}, not completed: poll GET /v1/videos/{video_id}",
+        raise ApiError(409, f"video {video_id} is {job.status}, not completed: poll GET "
+                            f"/v1/videos/{video_id}",
                        code="not_ready")
     path = service.output_file(job, index, suffix)
     if path is None:

@@ -39,17 +39,18 @@ def serve(configs: Configs, server: ServerConfig) -> int:
         save_dir = check_writable_dir(runtime.save_path)
         if runtime.is_main_process:
             check_port_free(server.host, server.port)
-    except USER_ERRORS as exc:
+        if tiny:
+            logger.warning("=" * 20 + " " + TINY_BANNER)
+        from hyvideo.inference import HunyuanVideoSampler, check_parallel_layout, init_parallel
+
+        check_parallel_layout(configs)
+        state = init_parallel(runtime)
+        sampler = HunyuanVideoSampler.from_pretrained(configs, parallel=state,
+                                                      use_autocast=not runtime.disable_autocast)
+    except USER_ERRORS as exc:  # every rank finds the same fault (flags, files): one line per node
         if runtime.local_rank == 0:
             print(f"gradio_server.py: error: {exc}", file=sys.stderr, flush=True)
         return 2
-    if tiny:
-        logger.warning("=" * 20 + " " + TINY_BANNER)
-    from hyvideo.inference import HunyuanVideoSampler, init_parallel
-
-    state = init_parallel(runtime)
-    sampler = HunyuanVideoSampler.from_pretrained(configs, parallel=state,
-                                                  use_autocast=not runtime.disable_autocast)
     if not runtime.is_main_process:
         from hyvideo.server.worker import follow_rank0
 
@@ -128,7 +129,8 @@ def _ensure_tiny_tree(root: Path, local_rank: int) -> None:
     deadline = time.monotonic() + TINY_WAIT_S
     while not (root / MARKER_FILE).is_file():
         if time.monotonic() > deadline:
-            raise FileNotFoundError(f"{root / MARKER_FILE} did not appear: run scripts/make_tiny_ckpts.py {root}")
+            raise FileNotFoundError(f"{root / MARKER_FILE} did not appear: run "
+                                    f"scripts/make_tiny_ckpts.py {root}")
         time.sleep(0.5)
 
 
@@ -139,8 +141,8 @@ def _tiny_defaults(configs: Configs) -> Configs:
     if (sampling.height, sampling.width) == tuple(defaults.video_size) and \
             sampling.video_length == defaults.video_length and sampling.infer_steps == defaults.infer_steps:
         sampling = dataclasses.replace(sampling, **TINY_DEFAULTS)
-    precisions = {name: "fp32" for name in ("vae_precision", "text_encoder_precision", "text_encoder_precision_2")
-                  if getattr(model, name) == getattr(defaults, name)}
+    names = ("vae_precision", "text_encoder_precision", "text_encoder_precision_2")
+    precisions = {name: "fp32" for name in names if getattr(model, name) == getattr(defaults, name)}
     return dataclasses.replace(configs, sampling=sampling, model=dataclasses.replace(model, **precisions))
 
 
@@ -151,5 +153,5 @@ def check_port_free(host: str, port: int) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
     except OSError as exc:
-        raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another --server-port "
-                         "(or $SERVER_PORT), or stop the program using it") from None
+        raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another "
+                         "--server-port (or $SERVER_PORT), or stop the program using it") from None

@@ -44,8 +44,9 @@ def build_page(service: Service) -> gr.Blocks:
         with gr.Row():
             with gr.Column():
                 prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=3, elem_id="prompt")
-                negative = gr.Textbox(label="Negative prompt (used when CFG scale > 1; empty: the original's)",
-                                      elem_id="negative_prompt")
+                negative = gr.Textbox(
+                    label="Negative prompt (used when CFG scale > 1; empty: the original's)",
+                    elem_id="negative_prompt")
                 with gr.Row():
                     resolution = gr.Dropdown([*_RESOLUTIONS, CUSTOM], label="Resolution (width x height)",
                                              value=_preset_label(_RESOLUTIONS, (d.width, d.height)))
@@ -66,8 +67,8 @@ def build_page(service: Service) -> gr.Blocks:
                     cfg = gr.Slider(*GUIDANCE_RANGE, value=d.cfg_scale, step=0.5,
                                     label="CFG scale (> 1 runs the negative prompt too: twice the work)")
                     shift = gr.Slider(0.5, 20.0, value=d.flow_shift, step=0.5, label="Flow shift")
-                    count = gr.Slider(1, limits.max_videos, value=min(d.num_videos, limits.max_videos), step=1,
-                                      label="Number of videos")
+                    count = gr.Slider(1, limits.max_videos, value=min(d.num_videos, limits.max_videos),
+                                      step=1, label="Number of videos")
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -76,7 +77,8 @@ def build_page(service: Service) -> gr.Blocks:
                 video = gr.Video(label="Video", elem_id="result", interactive=False, autoplay=True)
                 with gr.Row():
                     seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed_used")
-                    job_id = gr.Textbox(label="Job id (also in /v1/videos)", interactive=False, elem_id="job_id")
+                    job_id = gr.Textbox(label="Job id (also in /v1/videos)", interactive=False,
+                                        elem_id="job_id")
                 sidecar = gr.File(label="Sidecar (prompt, seed, every setting)", elem_id="sidecar",
                                   interactive=False)
         gallery = gr.Gallery(label="Earlier results (newest first)", columns=6, height=260, preview=False,
@@ -88,20 +90,23 @@ def build_page(service: Service) -> gr.Blocks:
         inputs = [prompt, negative, width, height, frames, steps, seed, embedded, cfg, shift, count]
         outputs = [job_id, status, video, seed_used, sidecar, gallery]
         # The store is the queue: Gradio must not hold jobs back in its own queue.
-        generate.click(_generate_handler(service), inputs, outputs, api_name="generate", concurrency_limit=None)
+        generate.click(_generate_handler(service), inputs, outputs, api_name="generate",
+                       concurrency_limit=None)
         cancel.click(_cancel_handler(service), job_id, status, api_name="cancel", concurrency_limit=None)
         page.load(lambda: gallery_items(service), None, gallery, queue=False)
     return page
 
 
-def form_to_request(prompt, negative, width, height, frames, steps, seed, embedded, cfg, shift, count) -> dict:
+def form_to_request(prompt, negative, width, height, frames, steps, seed, embedded, cfg, shift,
+                    count) -> dict:
     """The page's fields as a /v1/videos body (the same checks apply to both)."""
     seed_text = str(seed or "").strip()
     if seed_text and not seed_text.isdigit():
         raise RequestError(f"seed must be a whole number >= 0 or empty (random), got {seed_text!r}")
     if width is None or height is None or frames is None:
         raise RequestError("width, height and frames need a value")
-    return {"prompt": prompt or "", "negative_prompt": negative or None, "size": f"{int(width)}x{int(height)}",
+    return {"prompt": prompt or "", "negative_prompt": negative or None,
+            "size": f"{int(width)}x{int(height)}",
             "frames": int(frames), "steps": int(steps), "seed": int(seed_text) if seed_text else None,
             "embedded_guidance_scale": float(embedded), "guidance_scale": float(cfg),
             "flow_shift": float(shift), "n": int(count)}

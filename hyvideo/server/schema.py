@@ -98,7 +98,8 @@ class JobRequest:
     def sampling_config(self, base: SamplingConfig, *, seed: int) -> SamplingConfig:
         """The server's sampling flags with this request's values (one prompt, a concrete seed)."""
         return dataclasses.replace(
-            base, prompts=(self.prompt,), neg_prompt=self.negative_prompt, height=self.height, width=self.width,
+            base, prompts=(self.prompt,), neg_prompt=self.negative_prompt, height=self.height,
+            width=self.width,
             video_length=self.frames, infer_steps=self.steps, seed=seed, cfg_scale=self.guidance_scale,
             embedded_cfg_scale=self.embedded_guidance_scale, flow_shift=self.flow_shift, num_videos=self.n,
             batch_size=1,
@@ -123,13 +124,15 @@ def parse_request(body: Any, defaults: SamplingConfig, limits: ServerLimits) -> 
     n = _int(body, "n", defaults.num_videos, 1, limits.max_videos)
     seed = _int(body, "seed", defaults.seed, 0, MAX_SEED) if body.get("seed") is not None else defaults.seed
     return JobRequest(
-        prompt=_prompt(body.get("prompt"), limits), negative_prompt=_negative(body.get("negative_prompt"), limits),
+        prompt=_prompt(body.get("prompt"), limits),
+        negative_prompt=_negative(body.get("negative_prompt"), limits),
         width=width, height=height, frames=_frames(body, defaults, limits), steps=steps, seed=seed,
         guidance_scale=_float(body, "guidance_scale", defaults.cfg_scale, *GUIDANCE_RANGE),
         embedded_guidance_scale=_float(body, "embedded_guidance_scale", defaults.embedded_cfg_scale,
                                        *GUIDANCE_RANGE),
         flow_shift=_float(body, "flow_shift", defaults.flow_shift, *FLOW_SHIFT_RANGE, open_low=True),
-        n=n, features={name: check(body[name], limits) for name, check in FEATURE_FIELDS.items() if name in body},
+        n=n, features={name: check(body[name], limits) for name, check in FEATURE_FIELDS.items()
+                       if name in body},
     )
 
 
@@ -154,7 +157,8 @@ def _negative(value: Any, limits: ServerLimits) -> str | None:
     if not isinstance(value, str):
         raise RequestError(f"negative_prompt must be a string, got {_kind(value)}")
     if len(value) > limits.max_prompt_chars:
-        raise RequestError(f"negative_prompt has {len(value)} characters; the limit is {limits.max_prompt_chars}")
+        raise RequestError(f"negative_prompt has {len(value)} characters; the limit is "
+                           f"{limits.max_prompt_chars}")
     return value.strip() or None
 
 
@@ -170,7 +174,8 @@ def _size(value: Any, defaults: SamplingConfig, limits: ServerLimits) -> tuple[i
         if not 16 <= pixels <= limits.max_side:
             raise RequestError(f"size: {name} {pixels} is outside 16..{limits.max_side} pixels")
         if pixels % 16:
-            raise RequestError(f"size: {name} {pixels} is not a multiple of 16 (e.g. {pixels + 16 - pixels % 16})")
+            raise RequestError(f"size: {name} {pixels} is not a multiple of 16 "
+                               f"(e.g. {pixels + 16 - pixels % 16})")
     return width, height
 
 

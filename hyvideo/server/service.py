@@ -72,7 +72,8 @@ class Service:
             "size": request.size, "seconds": request.seconds, "error": error,
             # ours
             "prompt": request.prompt, "frames": request.frames, "n": request.n, "seed": job.seed,
-            "started_at": int(job.started_at) if job.started_at else None, "step": job.step, "total_steps": job.total_steps, "queue_position": self.store.queue_position(job),
+            "started_at": int(job.started_at) if job.started_at else None, "step": job.step,
+            "total_steps": job.total_steps, "queue_position": self.store.queue_position(job),
             "cancel_requested": job.cancel_requested, "files": [Path(n).name for n in job.outputs],
             "request": {k: v for k, v in job.request.items() if k != "prompt"},
         }

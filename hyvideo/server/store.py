@@ -159,7 +159,8 @@ class JobStore:
 
     def fail(self, job_id: str, code: str, message: str) -> None:
         self._run("UPDATE jobs SET status = 'failed', error_code = ?, error_message = ?, finished_at = ? "
-                  "WHERE id = ? AND status IN ('queued', 'in_progress')", (code, message, time.time(), job_id))
+                  "WHERE id = ? AND status IN ('queued', 'in_progress')",
+                  (code, message, time.time(), job_id))
 
     def request_cancel(self, job_id: str) -> Job | None:
         """Cancel: a queued job fails at once; a running one is flagged and stops at its next step."""
@@ -173,7 +174,8 @@ class JobStore:
 
     def cancel_requested(self, job_id: str) -> bool:
         with self._lock:
-            row = self._db.execute("SELECT cancel_requested, deleted FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = self._db.execute("SELECT cancel_requested, deleted FROM jobs WHERE id = ?",
+                                   (job_id,)).fetchone()
         return row is None or bool(row["cancel_requested"] or row["deleted"])
 
     def delete(self, job_id: str) -> Job | None:
@@ -224,7 +226,8 @@ def _job(row: sqlite3.Row) -> Job:
     return Job(
         seq=row["seq"], id=row["id"], status=row["status"], request=json.loads(row["request"]),
         created_at=row["created_at"], started_at=row["started_at"], finished_at=row["finished_at"],
-        step=row["step"], total_steps=row["total_steps"], seed=row["seed"], outputs=json.loads(row["outputs"]),
+        step=row["step"], total_steps=row["total_steps"], seed=row["seed"],
+        outputs=json.loads(row["outputs"]),
         error_code=row["error_code"], error_message=row["error_message"],
         cancel_requested=bool(row["cancel_requested"]),
     )
