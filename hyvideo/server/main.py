@@ -41,12 +41,18 @@ def serve(configs: Configs, server: ServerConfig) -> int:
             check_port_free(server.host, server.port)
         if tiny:
             logger.warning("=" * 20 + " " + TINY_BANNER)
-        from hyvideo.inference import HunyuanVideoSampler, check_parallel_layout, init_parallel
+        if configs.rewrite.enabled:
+            raise ValueError("--prompt-rewrite is not offered by the server yet: rewrite prompts with "
+                             "sample_video.py, or leave the flag out")
+        from hyvideo.inference import HunyuanVideoSampler, check_parallel_layout, init_parallel, prepare_loras
 
         check_parallel_layout(configs)
+        loras = prepare_loras(configs.model)  # --lora: applied to every job, checked before loading
         state = init_parallel(runtime)
         sampler = HunyuanVideoSampler.from_pretrained(configs, parallel=state,
                                                       use_autocast=not runtime.disable_autocast)
+        for weights, scale in loras:  # every rank applies the same LoRAs
+            sampler.add_lora(weights, scale)
     except USER_ERRORS as exc:  # every rank finds the same fault (flags, files): one line per node
         if runtime.local_rank == 0:
             print(f"gradio_server.py: error: {exc}", file=sys.stderr, flush=True)

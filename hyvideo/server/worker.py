@@ -83,7 +83,7 @@ def run_job(sampler, configs: Configs, spec: JobSpec, *, on_step: Callable[[int,
         flow_reverse=configs.sampling.flow_reverse,
         embedded_guidance_scale=request.embedded_guidance_scale if guidance_embed else None,
         num_videos_per_prompt=request.n, enable_tiling=configs.model.vae_tiling, show_progress=False,
-        callback=step_callback, **feature_kwargs(request.features),
+        cache=configs.cache, callback=step_callback, **feature_kwargs(request.features),
     )
 
 
