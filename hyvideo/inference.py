@@ -316,12 +316,15 @@ class HunyuanVideoSampler(Inference):
         enable_tiling: bool = True,
         show_progress: bool = True,
         cache=None,
+        callback=None,
     ) -> PredictOutput:
         """Generate `num_videos_per_prompt` videos for one prompt; video i uses seed `seed + i`.
 
         Under sequence parallelism call it on every rank with the same arguments: the seed is rank 0's,
         only rank 0 shows the progress bar, and every rank returns the same output. `cache`: step-cache
         settings (hyvideo.diffusion.cache.CacheConfig); None or policy "none" runs every block.
+        `callback(step_index, timestep, latents)` runs after every denoising step (progress, cancellation:
+        an exception raised there aborts the call before anything is decoded).
         """
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty: give a text prompt")
@@ -348,6 +351,7 @@ class HunyuanVideoSampler(Inference):
             generator=generators, data_type="video" if video_length > 1 else "image",
             output_type=output_type, enable_tiling=enable_tiling,
             show_progress=show_progress and self.is_main_process, cache=cache,
+            callback_on_step_end=callback,
         )
         elapsed = time.perf_counter() - started
         logger.info("Success, time: %.1f s", elapsed)

@@ -271,9 +271,12 @@ def _share_from_main(payload, state):
 
 
 def save_outputs(
-    out, configs: Configs, save_dir: Path, *, rewrite: RewriteResult | None = None
+    out, configs: Configs, save_dir: Path, *, rewrite: RewriteResult | None = None,
+    extra_facts: dict | None = None,
 ) -> list[Path]:
     """One mp4 per video, each with a JSON sidecar (and latents with --save-latents).
+
+    `extra_facts` go into every sidecar too (e.g. the server's job id).
 
     With a prompt rewrite, `out.prompt` is the rewritten prompt (the one encoded); the file is named after
     the user's prompt and the sidecar records both under "prompt_rewrite".
@@ -289,7 +292,7 @@ def save_outputs(
         stem = safe_filename(rewrite.original if rewrite else out.prompt, seed=seed, time_flag=time_flag)
         path = unique_path(save_dir, stem, ".mp4", sibling_suffixes=(".json", ".safetensors"))
         record = run_record(configs, prompt=out.prompt, negative_prompt=out.negative_prompt, seed=seed,
-                            size=out.size, timings=out.timings, **extra)
+                            size=out.size, timings=out.timings, **extra, **(extra_facts or {}))
         if configs.runtime.save_latents:
             record["latents_file"] = path.with_suffix(".safetensors").name
             save_latents(path.with_suffix(".safetensors"), out.latents[i : i + 1], record)
