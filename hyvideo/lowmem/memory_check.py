@@ -187,15 +187,19 @@ def _biggest_term(estimate) -> tuple[str, float]:
 
 def _hints(term: str, configs: Configs, *, on_cpu: bool) -> tuple[str, ...]:
     """Flags that shrink `term`, most effective first; offload only helps when there is an accelerator."""
+    cfg, sampling = configs.model, configs.sampling
     smaller = "a smaller --video-size / --video-length"
     offload = () if on_cpu or configs.runtime.offload_mode != "none" else ("--use-cpu-offload",)
-    fp8 = () if configs.model.use_fp8 else ("--use-fp8",)
     if term == "DiT activations":
-        cfg = ("--cfg-scale 1",) if configs.sampling.cfg_scale > 1 else ()
-        fewer = ("fewer --num-videos",) if configs.sampling.num_videos * configs.sampling.batch_size > 1 else ()
-        return (smaller, *cfg, *fewer)
-    if term == "DiT weights":
-        return (*fp8, *offload, smaller)
-    if term == "VAE decode workspace":
-        return (("--vae-tiling",) if not configs.model.vae_tiling else ()) + (smaller,)
-    return (*offload, *fp8, smaller)
+        hints = (smaller, *(("--cfg-scale 1",) if sampling.cfg_scale > 1 else ()),
+                 *(("fewer --num-videos",) if sampling.num_videos * sampling.batch_size > 1 else ()))
+    elif term == "DiT weights":
+        hints = (*(() if cfg.use_fp8 else ("--use-fp8",)), *offload,
+                 *(("--precision bf16",) if cfg.precision == "fp32" else ()))
+    elif term == "text encoder weights":
+        hints = (*offload, *(("--text-encoder-precision fp16",) if cfg.text_encoder_precision == "fp32" else ()))
+    elif term == "VAE decode workspace":
+        hints = (*(() if cfg.vae_tiling else ("--vae-tiling",)), smaller)
+    else:
+        hints = (*offload, smaller)
+    return hints or ("a device with more free memory",)
