@@ -242,28 +242,62 @@ def test_memory_check_refuses_before_loading(tiny_tree, tmp_path, capsys, monkey
     assert_clean_failure(code, err, "--no-memory-check", out)
     assert "biggest term: text encoder weights" in err and "--use-cpu-offload" not in err  # CPU: no offload
 
+    def reached_loading(*args):
+        raise ValueError("reached loading")
 
-def test_memory_verdict_uses_the_dit_being_loaded(tiny_tree):
-    from hyvideo.config import parse_args
-    from hyvideo.lowmem.memory_check import memory_verdict
+    monkeypatch.setattr(inference, "load_transformer", reached_loading)
+    code, err = run_main([*argv, "--no-memory-check"], capsys)
+    assert code == 2 and "reached loading" in err
 
-    configs = parse_args(["--prompt", "x", "--model-base", str(tiny_tree)])
-    assert memory_verdict(configs, available_bytes=1 << 40) is None  # tiny encoders: no estimate applies
+
+def test_memory_verdict_uses_the_dit_being_loaded(tiny_tree, tmp_path, monkeypatch):
     import hyvideo.lowmem.memory_check as memory_check
+    from hyvideo.config import parse_args
 
-    original = memory_check.describes_released_models
-    memory_check.describes_released_models = lambda *folders: True
-    try:
-        tiny = memory_verdict(configs, device=torch.device("cpu"), available_bytes=1 << 40)
-        full = parse_args(["--prompt", "x", "--model-base", str(tiny_tree / "nowhere")])
-        assert memory_verdict(full, device=torch.device("cpu"), available_bytes=1 << 40) is None  # no DiT
-    finally:
-        memory_check.describes_released_models = original
-    assert tiny is not None and tiny.fits
-    # The tiny DiT's activations at the default 720x1280x129 are far below the full model's.
-    assert tiny.biggest_term == "text encoder weights"
+    cpu, plenty = torch.device("cpu"), 1 << 40
+    tiny = parse_args(["--prompt", "x", "--model-base", str(tiny_tree)])
+    assert memory_check.memory_verdict(tiny, device=cpu, available_bytes=plenty) is None  # tiny encoders
+    monkeypatch.setattr(memory_check, "describes_released_models", lambda *folders: True)
+    full_dit = tmp_path / "full" / "mp_rank_00_model_states.pt"  # no config beside it: the 13B preset
+    full_dit.parent.mkdir()
+    full_dit.write_bytes(b"")  # never read: the estimate needs only the architecture
+    full = parse_args(["--prompt", "x", "--model-base", str(tiny_tree), "--dit-weight", str(full_dit)])
+    tiny_verdict = memory_verdict_for(tiny, cpu, plenty)
+    full_verdict = memory_verdict_for(full, cpu, plenty)
+    assert tiny_verdict.biggest_term == "text encoder weights"  # the tiny DiT's activations are small
+    assert full_verdict.biggest_term == "DiT activations" and full_verdict.needed_gib > tiny_verdict.needed_gib
+    missing = parse_args(["--prompt", "x", "--model-base", str(tiny_tree), "--dit-weight", str(tmp_path / "no")])
+    assert memory_verdict_for(missing, cpu, plenty) is None  # loading will report the missing file
     off = parse_args(["--prompt", "x", "--model-base", str(tiny_tree), "--no-memory-check"])
     assert off.runtime.memory_check is False
+
+
+def test_memory_verdict_on_an_accelerator_suggests_offload(tiny_tree, monkeypatch):
+    import hyvideo.lowmem.memory_check as memory_check
+    from hyvideo.config import parse_args
+
+    monkeypatch.setattr(memory_check, "describes_released_models", lambda *folders: True)
+    configs = parse_args(["--prompt", "x", "--model-base", str(tiny_tree), "--cfg-scale", "2"])
+    # "meta" stands in for an accelerator: the available memory is given, so no device is queried.
+    verdict = memory_verdict_for(configs, torch.device("meta"), 20 << 30)
+    assert not verdict.fits and verdict.biggest_term == "text encoder weights"
+    assert verdict.hints[0] == "--use-cpu-offload" and verdict.available_gib == 20
+    offloaded = parse_args(["--prompt", "x", "--model-base", str(tiny_tree), "--use-cpu-offload"])
+    assert memory_verdict_for(offloaded, torch.device("meta"), 20 << 30).fits  # LLM alone on the card
+
+
+def memory_verdict_for(configs, device, available):
+    from hyvideo.lowmem.memory_check import memory_verdict
+
+    return memory_verdict(configs, device=device, available_bytes=available)
+
+
+@pytest.mark.gpu
+def test_device_free_bytes_on_the_gpu():
+    from hyvideo.lowmem.memory_check import device_free_bytes
+
+    free = device_free_bytes(torch.device("cuda", 0))
+    assert free is not None and 0 < free <= torch.cuda.get_device_properties(0).total_memory
 
 
 def test_mem_available_is_read_from_meminfo(tmp_path):

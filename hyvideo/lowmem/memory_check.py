@@ -154,7 +154,15 @@ def device_free_bytes(device: torch.device) -> int | None:
         return _mem_available_bytes()
     try:
         free, _total = torch.accelerator.get_memory_info(device)
-    except (AttributeError, RuntimeError):
+    except AttributeError:  # torch before 2.9: the backend module's own query (torch.<type>.mem_get_info)
+        query = getattr(getattr(torch, device.type, None), "mem_get_info", None)
+        if query is None:
+            return None
+        try:
+            free, _total = query(device)
+        except RuntimeError:
+            return None
+    except RuntimeError:
         return None
     return int(free)
 
