@@ -473,8 +473,8 @@ def reliability_errors(args: argparse.Namespace) -> list[str]:
         if not math.isfinite(value):
             errors.append(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if len(args.video_size) in (1, 2) and max(args.video_size) > MAX_VIDEO_SIDE:
-        errors.append(f"--video-size must be at most {MAX_VIDEO_SIDE} pixels a side (the model was trained up "
-                      f"to 720x1280), got {' '.join(map(str, args.video_size))}")
+        errors.append(f"--video-size must be at most {MAX_VIDEO_SIDE} pixels a side (the model was trained "
+                      f"up to 720x1280), got {' '.join(map(str, args.video_size))}")
     if args.video_length > MAX_VIDEO_LENGTH:
         errors.append(f"--video-length must be at most {MAX_VIDEO_LENGTH} frames (trained: 129), "
                       f"got {args.video_length}")
@@ -483,8 +483,8 @@ def reliability_errors(args: argparse.Namespace) -> list[str]:
                       f"got {args.infer_steps}")
     videos = args.num_videos * args.batch_size
     if videos > MAX_VIDEOS_PER_PROMPT:
-        errors.append(f"--num-videos x --batch-size must be at most {MAX_VIDEOS_PER_PROMPT} videos per prompt, "
-                      f"got {args.num_videos} x {args.batch_size}; run several commands instead")
+        errors.append(f"--num-videos x --batch-size must be at most {MAX_VIDEOS_PER_PROMPT} videos per "
+                      f"prompt, got {args.num_videos} x {args.batch_size}; run several commands instead")
     if args.seed is not None and not 0 <= args.seed <= SEED_LIMIT - max(videos, 1):
         errors.append(f"--seed must be in [0, 2**63 - {max(videos, 1)}] so that the seeds of all "
                       f"{max(videos, 1)} video(s) (seed, seed+1, ...) fit 63 bits, got {args.seed}; omit "

@@ -258,7 +258,8 @@ def save_outputs(out, configs: Configs, save_dir: Path) -> list[Path]:
         with _all_or_nothing(path) as published:
             if configs.runtime.save_latents:
                 record["latents_file"] = path.with_suffix(".safetensors").name
-                published.append(save_latents(path.with_suffix(".safetensors"), out.latents[i : i + 1], record))
+                latents_path = path.with_suffix(".safetensors")
+                published.append(save_latents(latents_path, out.latents[i : i + 1], record))
             published.append(save_video(out.samples[i], path, fps=FPS, crf=configs.runtime.crf,
                                         metadata={"comment": out.prompt}))
             published.append(write_sidecar(path, record))

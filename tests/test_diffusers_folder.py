@@ -44,7 +44,8 @@ def test_save_pretrained_folder_loads_and_matches_diffusers(twin_and_folder, cap
     cfg = parse_args(["--prompt", "x", "--dit-weight", str(folder), "--precision", "fp32"]).model
     with caplog.at_level(logging.INFO):
         ours = load_transformer(cfg, torch.device("cpu"))
-    assert "DiT architecture from diffusers'" in caplog.text and "differs from the --model preset" in caplog.text
+    assert "DiT architecture from diffusers'" in caplog.text
+    assert "differs from the --model preset" in caplog.text
     assert ours.config == TINY_DIT_TEST
     x = inputs()
     with torch.no_grad():

@@ -192,8 +192,8 @@ def test_bad_checkpoint_file_is_one_line(tiny_tree, tmp_path, capsys, component,
         root = tree_with(tiny_tree, tmp_path / "ckpts", component)
         needle = make(root / component, tiny_tree)
     out = tmp_path / "out"
-    code, err = run_main(["--prompt", "x", "--model-base", str(root), "--save-path", str(out), *SMALL, *extra],
-                         capsys)
+    argv = ["--prompt", "x", "--model-base", str(root), "--save-path", str(out), *SMALL, *extra]
+    code, err = run_main(argv, capsys)
     assert_clean_failure(code, err, needle, out)
 
 
@@ -265,8 +265,10 @@ def test_memory_verdict_uses_the_dit_being_loaded(tiny_tree, tmp_path, monkeypat
     tiny_verdict = memory_verdict_for(tiny, cpu, plenty)
     full_verdict = memory_verdict_for(full, cpu, plenty)
     assert tiny_verdict.biggest_term == "text encoder weights"  # the tiny DiT's activations are small
-    assert full_verdict.biggest_term == "DiT activations" and full_verdict.needed_gib > tiny_verdict.needed_gib
-    missing = parse_args(["--prompt", "x", "--model-base", str(tiny_tree), "--dit-weight", str(tmp_path / "no")])
+    assert full_verdict.biggest_term == "DiT activations"
+    assert full_verdict.needed_gib > tiny_verdict.needed_gib
+    nowhere = str(tmp_path / "no")
+    missing = parse_args(["--prompt", "x", "--model-base", str(tiny_tree), "--dit-weight", nowhere])
     assert memory_verdict_for(missing, cpu, plenty) is None  # loading will report the missing file
     off = parse_args(["--prompt", "x", "--model-base", str(tiny_tree), "--no-memory-check"])
     assert off.runtime.memory_check is False

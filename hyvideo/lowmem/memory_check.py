@@ -205,7 +205,8 @@ def _hints(term: str, configs: Configs, *, on_cpu: bool) -> tuple[str, ...]:
         hints = (*(() if cfg.use_fp8 else ("--use-fp8",)), *offload,
                  *(("--precision bf16",) if cfg.precision == "fp32" else ()))
     elif term == "text encoder weights":
-        hints = (*offload, *(("--text-encoder-precision fp16",) if cfg.text_encoder_precision == "fp32" else ()))
+        fp16 = ("--text-encoder-precision fp16",) if cfg.text_encoder_precision == "fp32" else ()
+        hints = (*offload, *fp16)
     elif term == "VAE decode workspace":
         hints = (*(() if cfg.vae_tiling else ("--vae-tiling",)), smaller)
     else:

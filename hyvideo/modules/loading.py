@@ -189,9 +189,9 @@ DIFFUSERS_DIT_CLASS = "HunyuanVideoTransformer3DModel"
 # diffusers' constructor defaults, for fields an older config.json may lack.
 _DIFFUSERS_DEFAULTS = dict(
     in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
-    num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
-    guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
-    rope_axes_dim=(16, 56, 56), image_condition_type=None,
+    num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
+    qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
+    rope_theta=256.0, rope_axes_dim=(16, 56, 56), image_condition_type=None,
 )
 
 
@@ -206,10 +206,10 @@ def dit_config_from_diffusers(values: Mapping, source: str = "config.json") -> D
         raise ValueError(f"{source}: fields this loader does not know: {unknown}")
     v = {**_DIFFUSERS_DEFAULTS, **{k: values[k] for k in values if not k.startswith("_")}}
     if v["image_condition_type"] is not None:
-        raise ValueError(f"{source} describes an image-to-video transformer "
-                         f"(image_condition_type={v['image_condition_type']!r}); only text-to-video is supported")
+        raise ValueError(f"{source} describes an image-to-video transformer (image_condition_type="
+                         f"{v['image_condition_type']!r}); only text-to-video is supported")
     if v["qk_norm"] != "rms_norm":
-        raise ValueError(f"{source}: qk_norm {v['qk_norm']!r} is not supported (HunyuanVideo uses 'rms_norm')")
+        raise ValueError(f"{source}: qk_norm {v['qk_norm']!r} is not supported (HunyuanVideo: 'rms_norm')")
     heads, head_dim = int(v["num_attention_heads"]), int(v["attention_head_dim"])
     return DiTConfig(
         hidden_size=heads * head_dim, heads_num=heads, mlp_width_ratio=float(v["mlp_ratio"]),
@@ -217,8 +217,9 @@ def dit_config_from_diffusers(values: Mapping, source: str = "config.json") -> D
         rope_dim_list=tuple(int(n) for n in v["rope_axes_dim"]), rope_theta=float(v["rope_theta"]),
         patch_size=(int(v["patch_size_t"]), int(v["patch_size"]), int(v["patch_size"])),
         in_channels=int(v["in_channels"]), out_channels=int(v["out_channels"]), qk_norm=True,
-        qk_norm_type="rms", guidance_embed=bool(v["guidance_embeds"]), text_states_dim=int(v["text_embed_dim"]),
-        text_states_dim_2=int(v["pooled_projection_dim"]), refiner_depth=int(v["num_refiner_layers"]),
+        qk_norm_type="rms", guidance_embed=bool(v["guidance_embeds"]),
+        text_states_dim=int(v["text_embed_dim"]), text_states_dim_2=int(v["pooled_projection_dim"]),
+        refiner_depth=int(v["num_refiner_layers"]),
     )
 
 

@@ -113,7 +113,7 @@ def clip_bpe_file(cache_dir: str | os.PathLike | None = None) -> Path:
 
     def produce() -> bytes:
         if not CLIP_BPE_SHIPPED.is_file():
-            raise RuntimeError(f"{CLIP_BPE_SHIPPED} is missing: restore it from the repository (git checkout)")
+            raise RuntimeError(f"{CLIP_BPE_SHIPPED} is missing: restore it from the repository")
         return CLIP_BPE_SHIPPED.read_bytes()
 
     hint = f"{CLIP_BPE_SHIPPED} was altered: restore it from the repository (it is {CLIP_SOURCE})."

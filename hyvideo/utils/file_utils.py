@@ -318,7 +318,8 @@ def save_video(
     cmd = _ffmpeg_command(width, height, fps=fps, crf=crf, preset=preset, metadata=metadata)
     with _atomic_target(path, overwrite=overwrite) as tmp:
         num_frames = _run_ffmpeg([*cmd, str(tmp)], first, frames, size=(height, width))
-    logger.info("Saved %dx%dx%d (HxWxframes, %s fps, crf %s) to %s", height, width, num_frames, fps, crf, path)
+    logger.info("Saved %dx%dx%d (HxWxframes, %s fps, crf %s) to %s", height, width, num_frames, fps, crf,
+                path)
     return path
 
 

@@ -102,8 +102,9 @@ def check_finite_latents(latents: torch.Tensor, *, step: int, steps: int) -> Non
     """Raise NonFiniteLatentsError unless every latent value is finite (after denoising step `step`)."""
     if not bool(torch.isfinite(latents).all()):
         raise NonFiniteLatentsError(
-            f"the latents are not finite (NaN or inf) after denoising step {step} of {steps}: the DiT weights "
-            "are damaged or overflow in this precision (check --dit-weight, try --precision bf16 or fp32)"
+            f"the latents are not finite (NaN or inf) after denoising step {step} of {steps}: the DiT "
+            "weights are damaged or overflow in this precision (check --dit-weight, try --precision bf16 or "
+            "fp32)"
         )
 
 
