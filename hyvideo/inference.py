@@ -135,6 +135,8 @@ class PredictOutput:
     negative_prompt: str
     size: tuple[int, int, int]  # (height, width, frames) actually generated
     timings: dict[str, float] = field(default_factory=dict)
+    step_cache: dict | None = None  # with --cache / --cache-calibrate: policy, parameters, computed steps
+    loras: list[dict] = field(default_factory=list)  # the applied LoRAs (LoraStack.records())
 
 
 class Inference:
@@ -198,6 +200,30 @@ def load_transformer(cfg: ModelConfig, device: torch.device):
                   device=device, attention_backend=cfg.attn_backend)
 
 
+def prepare_loras(cfg: ModelConfig) -> list[tuple]:
+    """Read and check every --lora file against the DiT's layer names and shapes, before loading anything.
+
+    The DiT that will be loaded is built on the meta device (no memory), so a LoRA for another model or size
+    fails in seconds. Returns [(LoraWeights, scale)] for `HunyuanVideoSampler.add_lora`.
+    """
+    if not cfg.loras:
+        return []
+    from hyvideo.modules import HYVideoDiffusionTransformer
+    from hyvideo.modules.lora_files import read_lora
+
+    dit_config = resolve_dit_config(cfg.dit, require_path(cfg.dit_weight_path, "DiT weights (--dit-weight)"))
+    meta_dit = HYVideoDiffusionTransformer(dit_config, device="meta")
+    names: set[str] = set()
+    prepared = []
+    for spec in cfg.loras:
+        name, index = spec.path.stem, 2
+        while name in names:  # the same file name twice: keep both, told apart by a suffix
+            name, index = f"{spec.path.stem}_{index}", index + 1
+        names.add(name)
+        prepared.append((read_lora(spec.path, meta_dit, name=name, ignore_alpha=spec.ignore_alpha), spec.scale))
+    return prepared
+
+
 def load_vae_component(cfg: ModelConfig, device: torch.device):
     from hyvideo.vae import load_vae
 
@@ -235,6 +261,48 @@ class HunyuanVideoSampler(Inference):
             dit_dtype=PRECISION_TO_TYPE[cfg.precision], vae_dtype=PRECISION_TO_TYPE[cfg.vae_precision],
             use_autocast=use_autocast, parallel=self.parallel, offload=self.offload,
         )
+        self._lora_stack = None
+
+    # -- LoRA (between prompts; the base model is never reloaded) --
+
+    @property
+    def lora_stack(self):
+        """The LoRAs applied to the DiT (hyvideo.modules.lora.LoraStack), created on first use."""
+        if self._lora_stack is None:
+            from hyvideo.modules.lora import LoraStack
+
+            self._lora_stack = LoraStack(self.transformer, device=self.device)
+        return self._lora_stack
+
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None, *, ignore_alpha: bool = False) -> str:
+        """Read a safetensors LoRA (diffusers, original or kohya keys) and apply it at `scale`.
+
+        Args:
+            path: the .safetensors file. name: how to refer to it later (default: the file's stem).
+            ignore_alpha: use factor 1 instead of alpha / rank (HunyuanVideo-I2V's effect LoRAs).
+        Returns:
+            The LoRA's name.
+        Raises:
+            FileNotFoundError / ValueError: see `hyvideo.modules.lora_files.read_lora`; the name is taken.
+        """
+        from hyvideo.modules.lora_files import read_lora
+
+        weights = read_lora(path, self.transformer, name=name, ignore_alpha=ignore_alpha)
+        self.add_lora(weights, scale)
+        return weights.name
+
+    def add_lora(self, weights, scale: float = 1.0) -> None:
+        """Apply an already read LoRA (`hyvideo.modules.lora_files.LoraWeights`) at `scale`."""
+        self.lora_stack.add(weights, scale)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Change the scale of a loaded LoRA (0 switches it off exactly, keeping it loaded)."""
+        self.lora_stack.set_scale(name, scale)
+
+    def unload_loras(self) -> None:
+        """Remove every LoRA: the DiT's weights are back to their exact original values."""
+        if self._lora_stack is not None:
+            self._lora_stack.clear()
 
     def predict(
         self,
@@ -254,11 +322,13 @@ class HunyuanVideoSampler(Inference):
         output_type: str = "pt",
         enable_tiling: bool = True,
         show_progress: bool = True,
+        cache=None,
     ) -> PredictOutput:
         """Generate `num_videos_per_prompt` videos for one prompt; video i uses seed `seed + i`.
 
         Under sequence parallelism call it on every rank with the same arguments: the seed is rank 0's,
-        only rank 0 shows the progress bar, and every rank returns the same output.
+        only rank 0 shows the progress bar, and every rank returns the same output. `cache`: step-cache
+        settings (hyvideo.diffusion.cache.CacheConfig); None or policy "none" runs every block.
         """
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty: give a text prompt")
@@ -284,7 +354,7 @@ class HunyuanVideoSampler(Inference):
             embedded_guidance_scale=embedded_guidance_scale, num_videos_per_prompt=len(seeds),
             generator=generators, data_type="video" if video_length > 1 else "image",
             output_type=output_type, enable_tiling=enable_tiling,
-            show_progress=show_progress and self.is_main_process,
+            show_progress=show_progress and self.is_main_process, cache=cache,
         )
         elapsed = time.perf_counter() - started
         logger.info("Success, time: %.1f s", elapsed)
@@ -292,4 +362,6 @@ class HunyuanVideoSampler(Inference):
             samples=out.videos, latents=out.latents, seeds=seeds, prompt=prompt.strip(),
             negative_prompt=self.pipeline.resolve_negative_prompt(negative) if guidance_scale > 1 else "",
             size=(target_h, target_w, video_length), timings={**out.timings, "total_s": elapsed},
+            step_cache=out.step_cache,
+            loras=self._lora_stack.records() if self._lora_stack is not None else [],
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import json
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ import torch
 
 from hyvideo.config import Configs, RuntimeConfig
 from hyvideo.constants import PRECISION_TO_TYPE
+from hyvideo.prompt_rewrite import RewriteConfig, RewriteError, RewriteResult
 from hyvideo.utils.file_utils import (
     check_writable_dir,
     load_latents,
@@ -92,22 +94,24 @@ def _run_cli(configs: Configs) -> int:
         return 0
     # 1. Checks every rank decides alike from the flags and files, before any collective: one message
     #    (local rank 0), status 2 on every rank.
+    loras: list = []
     try:
         save_dir = check_writable_dir(runtime.save_path)  # before minutes of model loading
         if runtime.decode_latents is None:
-            from hyvideo.inference import check_parallel_layout
+            from hyvideo.inference import check_parallel_layout, prepare_loras
 
             check_parallel_layout(configs)
+            loras = prepare_loras(configs.model)  # a LoRA that does not fit fails before any loading
             from hyvideo.lowmem.memory_check import check_memory_fits
 
             check_memory_fits(configs)  # before minutes of loading: refuse what cannot fit
     except USER_ERRORS as exc:
         return _report_user_error(exc, runtime, every_rank=False)
     # 2. The process group, then the work; a failure from here on ends this rank at once.
-    return run_guarded(lambda: _work(configs, save_dir), runtime)
+    return run_guarded(lambda: _work(configs, save_dir, loras), runtime)
 
 
-def _work(configs: Configs, save_dir: Path) -> None:
+def _work(configs: Configs, save_dir: Path, loras: list | None = None) -> None:
     from hyvideo.inference import init_parallel
     from hyvideo.parallel import destroy
 
@@ -117,7 +121,7 @@ def _work(configs: Configs, save_dir: Path) -> None:
     if runtime.decode_latents is not None:
         decode_saved_latents(configs, runtime.decode_latents, save_dir, parallel=state)
     else:
-        _sample(configs, save_dir, state)
+        _sample(configs, save_dir, state, loras or [])
     destroy(state)
 
 
@@ -179,6 +183,8 @@ def printable(text: str) -> str:
 
 def _report_user_error(exc: BaseException, runtime: RuntimeConfig, *, every_rank: bool) -> int:
     logger.debug("details", exc_info=True)
+    if getattr(exc, "main_rank_reports", False):  # the same failure, decided on rank 0 for every rank
+        every_rank = runtime.rank == 0
     if every_rank or runtime.local_rank == 0:
         tag = f"[rank {runtime.rank}] " if every_rank and runtime.world_size > 1 else ""
         print(f"sample_video.py: error: {tag}{exc}", file=sys.stderr, flush=True)
@@ -216,18 +222,27 @@ def run_guarded(work: Callable[[], None], runtime: RuntimeConfig) -> int:
     return code
 
 
-def _sample(configs: Configs, save_dir: Path, state) -> None:
+def _sample(configs: Configs, save_dir: Path, state, loras: list) -> None:
     from hyvideo.inference import HunyuanVideoSampler, agree_seed
 
     sampling = configs.sampling
+    # A rewrite server is asked before minutes of model loading; the local LLM needs the models first.
+    rewrites = rewrite_prompts_for_run(configs, state) if configs.rewrite.uses_endpoint else None
     sampler = HunyuanVideoSampler.from_pretrained(configs, parallel=state,
                                                   use_autocast=not configs.runtime.disable_autocast)
+    if configs.rewrite.enabled and rewrites is None:
+        rewrites = rewrite_prompts_for_run(configs, state, sampler=sampler)
+    for weights, scale in loras:  # every rank applies the same LoRAs
+        sampler.add_lora(weights, scale)
     # The sidecar records the architecture actually built (a dit_config.json / config.json beside the
     # weights can differ from the --model preset).
     configs = dataclasses.replace(configs, model=dataclasses.replace(configs.model,
                                                                      dit=sampler.transformer.config))
     seed = agree_seed(sampling.seed, state)  # one seed for the whole run, the same on every rank
+    calibrations = []
     for index, prompt in enumerate(sampling.prompts):
+        rewrite = rewrites[index] if rewrites is not None else None
+        prompt = rewrite.rewritten if rewrite is not None else prompt
         logger.info("Prompt %d/%d: %s", index + 1, len(sampling.prompts), printable(prompt))
         out = sampler.predict(
             prompt, height=sampling.height, width=sampling.width, video_length=sampling.video_length,
@@ -236,25 +251,112 @@ def _sample(configs: Configs, save_dir: Path, state) -> None:
             flow_reverse=sampling.flow_reverse, embedded_guidance_scale=sampling.embedded_cfg_scale
             if sampler.transformer.config.guidance_embed else None,
             num_videos_per_prompt=sampling.num_videos * sampling.batch_size,
-            enable_tiling=configs.model.vae_tiling,
+            enable_tiling=configs.model.vae_tiling, cache=configs.cache,
         )
         if state.is_main:  # every rank holds the same videos; one writes them
-            save_outputs(out, configs, save_dir)
+            save_outputs(out, configs, save_dir, rewrite=rewrite)
+            calibrations.append(out.step_cache)
+    if state.is_main and configs.cache.calibrate:
+        report_calibration(calibrations, configs)
 
 
-def save_outputs(out, configs: Configs, save_dir: Path) -> list[Path]:
+def report_calibration(summaries: list[dict], configs: Configs) -> None:
+    """--cache-calibrate: print the measured MagCache ratios (mean over the prompts); write them as JSON."""
+    runs = [s["measured_mag_ratios"] for s in summaries]
+    ratios = [round(sum(values) / len(runs), 5) for values in zip(*runs, strict=True)]
+    sampling = configs.sampling
+    payload = {"mag_ratios": ratios, "num_steps": len(ratios), "prompts": len(runs),
+               "size": [sampling.height, sampling.width, sampling.video_length]}
+    print(f"MagCache ratios for {sampling.height}x{sampling.width}x{sampling.video_length}, "
+          f"{len(ratios)} steps (mean over {len(runs)} prompt(s)): {json.dumps(ratios)}")
+    if configs.cache.calibrate_path:
+        path = write_sidecar(configs.cache.calibrate_path, payload, overwrite=True)  # atomic JSON
+        logger.info("MagCache ratios written to %s (use with --cache magcache --cache-ratios %s)", path, path)
+
+
+def rewrite_prompts_for_run(configs: Configs, state, *, sampler=None) -> list[RewriteResult]:
+    """--prompt-rewrite: every prompt rewritten once, before any is encoded or any file is written.
+
+    Rank 0 rewrites (with the server, or with `sampler`'s LLM text encoder when there is no endpoint) and
+    sends the texts, or its one-line failure, to the other ranks, so all ranks encode the same prompts.
+    """
+    from hyvideo.prompt_rewrite import rewrite_prompts
+
+    rewrite = configs.rewrite
+    payload: tuple[str, object] = ("pending", None)
+    if state.is_main:
+        try:
+            backend = _rewrite_backend(rewrite, configs, sampler)
+            with sampler.pipeline.stage("text_encoder") if sampler is not None else contextlib.nullcontext():
+                results = rewrite_prompts(configs.sampling.prompts, rewrite.mode, backend,
+                                          fallback=rewrite.fallback)
+            payload = ("ok", results)
+        except RewriteError as exc:
+            payload = ("error", str(exc))
+    status, value = _share_from_main(payload, state)
+    if status == "error":
+        error = RewriteError(value)
+        error.main_rank_reports = True  # one line from rank 0, not one per rank
+        raise error
+    return value
+
+
+def _rewrite_backend(rewrite: RewriteConfig, configs: Configs, sampler):
+    from hyvideo.prompt_rewrite import (
+        DEFAULT_LOCAL_MAX_NEW_TOKENS,
+        ChatCompletionsBackend,
+        LocalLLMBackend,
+        UnavailableBackend,
+        load_lm_head,
+    )
+
+    if rewrite.uses_endpoint:
+        return ChatCompletionsBackend(endpoint=rewrite.endpoint, model=rewrite.model, api_key=rewrite.api_key,
+                                      timeout_s=rewrite.timeout_s, retries=rewrite.retries,
+                                      max_tokens=rewrite.max_tokens)
+    llm, device = sampler.text_encoder, sampler.pipeline.device
+    try:
+        lm_head = load_lm_head(configs.model.text_encoder_path, dtype=llm.dtype, device=device)
+    except RewriteError as exc:
+        return UnavailableBackend(name=LocalLLMBackend.name, error=exc)
+    return LocalLLMBackend(text_encoder=llm, lm_head=lm_head, device=device,
+                           max_new_tokens=rewrite.max_tokens or DEFAULT_LOCAL_MAX_NEW_TOKENS)
+
+
+def _share_from_main(payload, state):
+    """Rank 0's picklable `payload` on every rank (unchanged in one process)."""
+    if not state.enabled:
+        return payload
+    import torch.distributed as dist
+
+    box = [payload]
+    dist.broadcast_object_list(box, src=0, device=state.comm_device)
+    return box[0]
+
+
+def save_outputs(
+    out, configs: Configs, save_dir: Path, *, rewrite: RewriteResult | None = None
+) -> list[Path]:
     """One mp4 per video, each with a JSON sidecar (and latents with --save-latents).
+
+    With a prompt rewrite, `out.prompt` is the rewritten prompt (the one encoded); the file is named after
+    the user's prompt and the sidecar records both under "prompt_rewrite".
 
     A video's files are published together or not at all: if writing one fails or is interrupted, the
     files of that video already written are removed (videos completed before it stay).
     """
     time_flag = make_time_flag()
     written = []
+    extra = {"prompt_rewrite": rewrite.as_record()} if rewrite is not None else {}
+    if getattr(out, "step_cache", None):
+        extra["step_cache"] = out.step_cache
+    if getattr(out, "loras", None):
+        extra["loras"] = out.loras
     for i, seed in enumerate(out.seeds):
-        stem = safe_filename(out.prompt, seed=seed, time_flag=time_flag)
+        stem = safe_filename(rewrite.original if rewrite else out.prompt, seed=seed, time_flag=time_flag)
         path = unique_path(save_dir, stem, ".mp4", sibling_suffixes=(".json", ".safetensors"))
         record = run_record(configs, prompt=out.prompt, negative_prompt=out.negative_prompt, seed=seed,
-                            size=out.size, timings=out.timings)
+                            size=out.size, timings=out.timings, **extra)
         with _all_or_nothing(path) as published:
             if configs.runtime.save_latents:
                 record["latents_file"] = path.with_suffix(".safetensors").name
@@ -291,10 +393,17 @@ def run_record(configs: Configs, **facts) -> dict:
 
     return {
         **facts,
-        "settings": dataclasses.asdict(configs),
+        "settings": settings_record(configs),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "diffusers": diffusers.__version__, "python": sys.version.split()[0]},
     }
+
+
+def settings_record(configs: Configs) -> dict:
+    """Every setting as a dict for the sidecar, without secrets (the rewrite API key)."""
+    settings = dataclasses.asdict(configs)
+    settings.get("rewrite", {}).pop("api_key", None)
+    return settings
 
 
 def decode_saved_latents(
@@ -321,6 +430,6 @@ def decode_saved_latents(
     with _all_or_nothing(path) as published:
         published.append(save_video(video[0], path, fps=FPS, crf=configs.runtime.crf))
         published.append(write_sidecar(path, {**record, "decoded_from": str(latents_path),
-                                               "decode_settings": dataclasses.asdict(configs)}))
+                                               "decode_settings": settings_record(configs)}))
     logger.info("Decoded video saved to: %s", path)
     return path

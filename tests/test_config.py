@@ -133,6 +133,8 @@ def _changed_value(action):
         return not action.default
     if action.nargs == "+":
         return [48, 80]
+    if isinstance(action, argparse._AppendAction):  # repeatable flags (--lora, --lora-scale)
+        return [0.5] if action.type is float else ["x.safetensors"]
     if action.type is int:
         return (action.default or 0) + 4
     if action.type is float:
@@ -150,9 +152,13 @@ def test_every_flag_reaches_the_configs(tmp_path):
         if not action.option_strings or action.dest == "help" or action.dest in config.NO_EFFECT_FLAGS:
             continue
         args = parser.parse_args([])
+        reference = base
+        if action.dest in ("lora_scale", "lora_ignore_alpha"):  # these act on the --lora flags
+            args.lora = ["x.safetensors"]
+            reference = config.configs_from_args(args)
         value = str(prompt_file) if action.dest == "prompt_file" else _changed_value(action)
         setattr(args, action.dest, value)
-        if config.configs_from_args(args) == base:
+        if config.configs_from_args(args) == reference:
             dropped.append(action.dest)
     assert not dropped, f"flags parsed but never reaching the configs: {dropped}"
 
