@@ -32,11 +32,13 @@ from hyvideo.diffusion.cache import (
 )
 from hyvideo.diffusion.cache_tables import DEFAULT_THRESHOLDS, load_ratios_file
 from hyvideo.lowmem.offload import OFFLOAD_MODES
+from hyvideo.modules.attention import attention_backend_problem
+from hyvideo.modules.compile import COMPILE_MODES
 from hyvideo.prompt_rewrite import API_KEY_ENV_VARS, REWRITE_MODES, RewriteConfig
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "vanilla")
+ATTENTION_BACKENDS = ("auto", "fa3", "flash", "sage", "sdpa", "vanilla")
 # Differs: the original lists both encoders for every encoder flag; only these combinations work.
 PRIMARY_ENCODERS = ("llm",)
 SECONDARY_ENCODERS = ("clipL",)
@@ -115,6 +117,9 @@ class ModelConfig:
     tokenizer_2: str
     text_len_2: int
     loras: tuple[LoraSpec, ...] = ()  # --lora, applied in order after the DiT is loaded
+    compile: bool = False  # --compile: regional torch.compile of the DiT blocks (hyvideo/modules/compile.py)
+    compile_mode: str = "default"
+    fp8_gemm: bool = False  # --fp8-gemm: fp8 matmuls in the block linears (hyvideo/modules/fp8_gemm.py)
 
     @property
     def dit_weight_path(self) -> Path:
@@ -401,7 +406,8 @@ def _add_inference_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prompt-file", type=str, default=None,
                        help="Text file with one prompt per line; models are loaded once for all.")
     group.add_argument("--attn-backend", type=str, default="auto", choices=ATTENTION_BACKENDS,
-                       help="Attention kernel: flash (GPU, flash-attn), sdpa, vanilla (reference).")
+                       help="Attention kernel: auto (GPU: fa3 > flash > sdpa), fa3 (Hopper, flash-attn 3), "
+                            "flash (flash-attn 2), sage (SageAttention), sdpa, vanilla (reference).")
     group.add_argument("--crf", type=int, default=17,
                        help="H.264 quality (0 = lossless, 17 ~ visually lossless, 23 = ffmpeg default).")
     group.add_argument("--save-latents", action="store_true",
@@ -548,6 +554,18 @@ def lora_specs(args: argparse.Namespace) -> tuple[tuple[LoraSpec, ...], list[str
     return tuple(specs), errors
 
 
+def _add_speed_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Speed args (one device)")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the DiT's repeated blocks (one compiled graph per block class; "
+                            "the first step pays the compile time, a new video size compiles again).")
+    group.add_argument("--compile-mode", type=str, default="default", choices=COMPILE_MODES,
+                       help="torch.compile mode for --compile.")
+    group.add_argument("--fp8-gemm", action="store_true",
+                       help="With --use-fp8: multiply in fp8 (torch._scaled_mm, activations quantised per "
+                            "token); needs the CPU or a GPU of compute capability >= 8.9. Near-lossless.")
+
+
 def _add_reliability_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Safety checks")
     group.add_argument("--no-memory-check", action="store_true",
@@ -569,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rewrite_args(parser)
     _add_cache_args(parser)
     _add_lora_args(parser)
+    _add_speed_args(parser)
     _add_reliability_args(parser)
     return parser
 
@@ -614,6 +633,14 @@ def validation_errors(args: argparse.Namespace) -> list[str]:
         errors.append("--prompt is empty")
     errors += rewrite_validation_errors(args)
     errors += lora_specs(args)[1]
+    if args.fp8_gemm and not args.use_fp8:
+        errors.append("--fp8-gemm multiplies the fp8 weights directly: add --use-fp8")
+    # Not for --plan-memory / --decode-latents: they run no attention (a plan may be made on a laptop).
+    problem = None
+    if args.plan_memory is None and args.decode_latents is None:
+        problem = attention_backend_problem(args.attn_backend)
+    if problem:
+        errors.append(f"--attn-backend {args.attn_backend}: {problem}")
     errors += reliability_errors(args)
     try:
         errors += parallel_layout_errors(args.ulysses_degree, args.ring_degree, launch_env())
@@ -730,6 +757,7 @@ def configs_from_args(args: argparse.Namespace) -> Configs:
         hidden_state_skip_layer=args.hidden_state_skip_layer, apply_final_norm=args.apply_final_norm,
         text_encoder_2=args.text_encoder_2, text_encoder_precision_2=args.text_encoder_precision_2,
         tokenizer_2=args.tokenizer_2, text_len_2=args.text_len_2, loras=lora_specs(args)[0],
+        compile=args.compile, compile_mode=args.compile_mode, fp8_gemm=args.fp8_gemm,
     )
     if args.prompt_file is not None:
         prompts = read_prompt_file(args.prompt_file)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from hyvideo.config import Configs, ModelConfig, RuntimeConfig
+from hyvideo.config import DIT_FILE, Configs, ModelConfig, RuntimeConfig
 from hyvideo.constants import PRECISION_TO_TYPE, PROMPT_TEMPLATE, DiTConfig
 from hyvideo.diffusion import FlowMatchDiscreteScheduler
 from hyvideo.diffusion.pipelines import HunyuanVideoPipeline
@@ -119,7 +119,7 @@ def check_parallel_layout(configs: Configs) -> None:
     if ulysses == 1:
         return
     cfg = configs.model
-    dit_config = resolve_dit_config(cfg.dit, require_path(cfg.dit_weight_path, "DiT weights (--dit-weight)"))
+    dit_config = resolve_dit_config(cfg.dit, require_path(dit_weight_file(cfg), "DiT weights (--dit-weight)"))
     try:
         check_num_heads(dit_config.heads_num, ulysses)
     except ValueError as exc:
@@ -180,6 +180,10 @@ class Inference:
             "vae": load_vae_component(cfg, load_device),
             **load_text_encoders(cfg, load_device),
         }
+        if cfg.fp8_gemm:  # before offload: the offloader tracks the modules that own each tensor
+            from hyvideo.modules.fp8_gemm import enable_fp8_gemm
+
+            enable_fp8_gemm(components["transformer"], device)
         offload = None
         if offload_mode != "none":
             from hyvideo.lowmem.offload import apply_offload
@@ -189,11 +193,23 @@ class Inference:
         return cls(**components, model_config=cfg, device=device, parallel=parallel, offload=offload, **kwargs)
 
 
+def dit_weight_file(cfg: ModelConfig) -> Path:
+    """The DiT weights to load. With --use-fp8, no --dit-weight and no official fp8 file, the bf16 file:
+    it is quantised at load (users need not download the fp8 pair too)."""
+    path = cfg.dit_weight_path
+    if cfg.use_fp8 and cfg.dit_weight is None and not path.exists():
+        bf16 = path.with_name(DIT_FILE)
+        if bf16.exists():
+            logger.info("--use-fp8: %s not found; quantising %s at load", path.name, bf16)
+            return bf16
+    return path
+
+
 def load_transformer(cfg: ModelConfig, device: torch.device):
     from hyvideo.modules import load_dit
     from hyvideo.modules.fp8_optimization import load_fp8_dit
 
-    path = require_path(cfg.dit_weight_path, "DiT weights (--dit-weight)")
+    path = require_path(dit_weight_file(cfg), "DiT weights (--dit-weight)")
     dit_config = resolve_dit_config(cfg.dit, path)
     loader = load_fp8_dit if cfg.use_fp8 else load_dit
     return loader(dit_config, path, load_key=cfg.load_key, dtype=PRECISION_TO_TYPE[cfg.precision],
@@ -255,6 +271,10 @@ class HunyuanVideoSampler(Inference):
         super().__init__(**components)
         cfg = self.model_config
         self.transformer.enable_sequence_parallel(self.parallel)  # checks U against the head count
+        if cfg.compile:  # last: the model is final (offload hooks, sequence parallelism, fp8 layers)
+            from hyvideo.modules.compile import compile_dit_blocks
+
+            compile_dit_blocks(self.transformer, mode=cfg.compile_mode)
         self.pipeline = HunyuanVideoPipeline(
             vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
             transformer=self.transformer, scheduler=FlowMatchDiscreteScheduler(),

@@ -295,10 +295,14 @@ def rewrite_prompts_for_run(configs: Configs, state, *, sampler=None) -> list[Re
             payload = ("error", str(exc))
     status, value = _share_from_main(payload, state)
     if status == "error":
-        error = RewriteError(value)
-        error.main_rank_reports = True  # one line from rank 0, not one per rank
-        raise error
+        raise _SharedRewriteError(value)
     return value
+
+
+class _SharedRewriteError(RewriteError):
+    """Rank 0's rewrite failure, raised on every rank; reported once (by rank 0), not once per rank."""
+
+    main_rank_reports = True
 
 
 def _rewrite_backend(rewrite: RewriteConfig, configs: Configs, sampler):
