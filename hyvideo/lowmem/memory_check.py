@@ -114,9 +114,9 @@ def _plan_estimate(configs: Configs, dit_config: DiTConfig):
 
 def _dit_config_to_load(configs: Configs) -> DiTConfig | None:
     """The DiT architecture that loading will build (its config file beside the weights, else the preset)."""
-    from hyvideo.inference import resolve_dit_config
+    from hyvideo.inference import dit_weight_file, resolve_dit_config
 
-    path = configs.model.dit_weight_path
+    path = dit_weight_file(configs.model)
     if not path.exists():
         logger.debug("memory check skipped: no DiT weights at %s (loading will say so)", path)
         return None
