@@ -108,7 +108,7 @@ def _plan_estimate(configs: Configs, dit_config: DiTConfig):
         precision=cfg.precision, use_fp8=cfg.use_fp8, offload_mode=configs.runtime.offload_mode,
         cfg_scale=sampling.cfg_scale, vae_tiling=cfg.vae_tiling, text_len=cfg.text_len, dit_config=dit_config,
         batch_size=sampling.num_videos * sampling.batch_size, vae_precision=cfg.vae_precision,
-        text_encoder_precision=cfg.text_encoder_precision,
+        text_encoder_precision=cfg.text_encoder_precision, dit_chunk_tokens=cfg.dit_chunk_tokens,
     )
 
 
