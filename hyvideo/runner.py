@@ -46,19 +46,22 @@ def run_cli(configs: Configs) -> int:
         return 0
     # 1. Checks every rank decides alike from the flags and files, before any collective: one message
     #    (local rank 0), status 2 on every rank.
+    layout = None  # decoding saved latents splits only the VAE tiles: every rank in one group
     try:
         save_dir = check_writable_dir(runtime.save_path)  # before minutes of model loading
         if runtime.decode_latents is None:
             from hyvideo.inference import check_parallel_layout
 
-            check_parallel_layout(configs)
+            layout = check_parallel_layout(configs)  # chosen here when no degree was given
+            configs = dataclasses.replace(configs, runtime=dataclasses.replace(
+                runtime, ulysses_degree=layout.ulysses_degree, ring_degree=layout.ring_degree))
     except USER_ERRORS as exc:
         return _report_user_error(exc, runtime, every_rank=False)
-    # 2. The process group, then the work; a failure from here on ends this rank at once.
-    return run_guarded(lambda: _work(configs, save_dir), runtime)
+    # 2. The process groups, then the work; a failure from here on ends this rank at once.
+    return run_guarded(lambda: _work(configs, save_dir, layout), runtime)
 
 
-def _work(configs: Configs, save_dir: Path) -> None:
+def _work(configs: Configs, save_dir: Path, layout) -> None:
     from hyvideo.inference import init_parallel
     from hyvideo.parallel import destroy
 
@@ -67,12 +70,12 @@ def _work(configs: Configs, save_dir: Path) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # loading bars: the main process shows them
-    state = init_parallel(runtime)
+    groups = init_parallel(runtime, layout)  # every rank, its sequence group and its CFG branch
     if runtime.decode_latents is not None:
-        decode_saved_latents(configs, runtime.decode_latents, save_dir, parallel=state)
+        decode_saved_latents(configs, runtime.decode_latents, save_dir, parallel=groups.world)
     else:
-        _sample(configs, save_dir, state)
-    destroy(state)
+        _sample(configs, save_dir, groups)
+    destroy(groups.world)
 
 
 def memory_plan_report(configs: Configs) -> str:
@@ -137,13 +140,13 @@ def run_guarded(work: Callable[[], None], runtime: RuntimeConfig) -> int:
     return code
 
 
-def _sample(configs: Configs, save_dir: Path, state) -> None:
+def _sample(configs: Configs, save_dir: Path, groups) -> None:
     from hyvideo.inference import HunyuanVideoSampler, agree_seed
 
     sampling = configs.sampling
-    sampler = HunyuanVideoSampler.from_pretrained(configs, parallel=state,
+    sampler = HunyuanVideoSampler.from_pretrained(configs, parallel=groups,
                                                   use_autocast=not configs.runtime.disable_autocast)
-    seed = agree_seed(sampling.seed, state)  # one seed for the whole run, the same on every rank
+    seed = agree_seed(sampling.seed, groups.world)  # one seed for the whole run, the same on every rank
     for index, prompt in enumerate(sampling.prompts):
         logger.info("Prompt %d/%d: %s", index + 1, len(sampling.prompts), prompt)
         out = sampler.predict(
@@ -155,7 +158,7 @@ def _sample(configs: Configs, save_dir: Path, state) -> None:
             num_videos_per_prompt=sampling.num_videos * sampling.batch_size,
             enable_tiling=configs.model.vae_tiling,
         )
-        if state.is_main:  # every rank holds the same videos; one writes them
+        if groups.is_main:  # every rank holds the same videos; one writes them
             save_outputs(out, configs, save_dir)
 
 

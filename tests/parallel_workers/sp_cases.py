@@ -96,11 +96,11 @@ def set_vae_tiling(vae: AutoencoderKLCausal3D, name: str) -> None:
     vae.enable_temporal_tiling(temporal)
 
 
-def build_pipeline(dit, vae, parallel=None) -> HunyuanVideoPipeline:
+def build_pipeline(dit, vae, parallel=None, cfg_parallel=None) -> HunyuanVideoPipeline:
     return HunyuanVideoPipeline(
         vae=vae, text_encoder=None, text_encoder_2=None, transformer=dit,
         scheduler=FlowMatchDiscreteScheduler(shift=7.0), dit_dtype=torch.float32, vae_dtype=torch.float32,
-        use_autocast=False, parallel=parallel,
+        use_autocast=False, parallel=parallel, cfg_parallel=cfg_parallel,
     )
 
 
