@@ -104,10 +104,9 @@ def check_parallel_layout(configs: Configs) -> ParallelLayout:
     if runtime.auto_layout:
         if runtime.world_size == 1:
             return given_layout(1, 1)
-        layout = choose_layout(runtime.world_size, _dit_heads(configs.model),
-                               ranks_per_node=runtime.local_world_size, cfg_parallel=runtime.cfg_parallel)
-        logger.info("parallel layout for %d processes: %s", runtime.world_size, layout.describe())
-        return layout
+        # Logged with its reason once the groups exist (init_parallel).
+        return choose_layout(runtime.world_size, _dit_heads(configs.model),
+                             ranks_per_node=runtime.local_world_size, cfg_parallel=runtime.cfg_parallel)
     ulysses = runtime.ulysses_degree or 1
     layout = given_layout(ulysses, runtime.ring_degree or 1, cfg_parallel=runtime.cfg_parallel)
     if ulysses > 1:

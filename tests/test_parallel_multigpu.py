@@ -56,7 +56,7 @@ def worker(tmp_path_factory, checkpoints):
 def reference(checkpoints):
     """Single-process outputs of the same cases, loaded unsharded from the same files."""
     vae = cases.build_vae()
-    ref = {"cfg/latents": None}
+    ref = {}
     out = cases.run_pipeline(cases.build_pipeline(cases.build_dit(), vae))
     ref["cfg/latents"], ref["cfg/video"] = out.latents, out.videos
     for fmt in FORMATS:
@@ -69,10 +69,9 @@ def reference(checkpoints):
         with torch.no_grad():
             for name in cases.DIT_CASES:
                 ref[f"shard/{fmt}/dit/{name}"] = dit(**cases.dit_inputs(name))
-        out = cases.run_pipeline(cases.build_pipeline(dit, vae))
-        ref[f"shard/{fmt}/pipe/latents"], ref[f"shard/{fmt}/pipe/video"] = out.latents, out.videos
+        out = cases.run_pipeline(cases.build_pipeline(dit, vae), output_type="latent")
+        ref[f"shard/{fmt}/pipe/latents"] = out.latents
     ref["cfg_shard/fp8/pipe/latents"] = ref["shard/fp8/pipe/latents"]
-    ref["cfg_shard/fp8/pipe/video"] = ref["shard/fp8/pipe/video"]
     return ref
 
 
@@ -85,12 +84,11 @@ def _check(results: dict, reference: dict, key: str) -> None:
 @pytest.mark.parametrize("world,ulysses", [(2, 1), (4, 2)])
 def test_cfg_parallel_equals_single_process_cfg(worker, reference, world, ulysses):
     results = worker(world)
-    for part in ("latents", "video"):
+    for part in ("latents", "video") if world == 2 else ("latents",):  # decoding at 4 ranks: slow, no news
         _check(results, reference, f"cfg/{part}")
     half = world // 2
     assert results["facts"]["cfg/branch"] == [0] * half + [1] * half  # negative half, then positive half
-    assert results["facts"]["cfg/layout"] == [[ulysses, half // ulysses]] * world or \
-        results["facts"]["cfg/layout"] == [(ulysses, half // ulysses)] * world
+    assert [tuple(x) for x in results["facts"]["cfg/layout"]] == [(ulysses, half // ulysses)] * world
 
 
 @pytest.mark.multigpu
@@ -100,8 +98,7 @@ def test_sharded_weights_equal_single_process(worker, reference, world, fmt):
     results = worker(world)
     for name in cases.DIT_CASES:
         _check(results, reference, f"shard/{fmt}/dit/{name}")
-    for part in ("latents", "video"):
-        _check(results, reference, f"shard/{fmt}/pipe/{part}")
+    _check(results, reference, f"shard/{fmt}/pipe/latents")
     # Each rank holds its 1/N of every parameter (all ranks together exactly the model) and every buffer
     # (the fp8 scales are not sharded).
     local = results["facts"][f"shard/{fmt}/local_bytes"]
@@ -114,8 +111,7 @@ def test_sharded_weights_equal_single_process(worker, reference, world, fmt):
 @pytest.mark.parametrize("world", [2, 4])
 def test_cfg_parallel_with_sharded_fp8_weights(worker, reference, world):
     results = worker(world)
-    for part in ("latents", "video"):
-        _check(results, reference, f"cfg_shard/fp8/pipe/{part}")
+    _check(results, reference, "cfg_shard/fp8/pipe/latents")
     assert max(results["facts"]["cfg_shard/fp8/local_bytes"]) < reference["fp8/bytes"] / world * 1.2
 
 

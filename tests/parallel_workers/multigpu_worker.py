@@ -4,7 +4,8 @@ Usage: python -m torch.distributed.run --standalone --nproc_per_node=N multigpu_
 
 CKPT_DIR holds `dit.pt` (the sp_cases DiT in float32) and `dit_fp8.pt` + `dit_fp8_map.pt` (its fp8
 quantisation), written by tests/test_parallel_multigpu.py. Cases, each on every rank:
-* ``cfg``: the CFG pipeline with --cfg-parallel (two halves of N/2 ranks, layout chosen automatically);
+* ``cfg``: the CFG pipeline with --cfg-parallel (two halves of N/2 ranks, layout chosen automatically),
+  at 2 processes decoded by all ranks' VAE tiles (the other pipeline runs stop at the latents);
 * ``shard/<fmt>``: the DiT loaded sharded over all N ranks (bf16-file-as-fp32 and fp8), its forward on every
   sp_cases DiT input under N-way sequence parallelism, and the whole pipeline;
 * ``cfg_shard/fp8``: --cfg-parallel with the weights sharded over all N ranks (both branches).
@@ -40,12 +41,14 @@ def load(ckpt: Path, fmt: str, state):
                             attention_backend="sdpa")
 
 
-def run_pipeline(groups, dit, vae, record: Recorder, tag: str) -> None:
+def run_pipeline(groups, dit, vae, record: Recorder, tag: str, *, decode: bool = False) -> None:
     dit.enable_sequence_parallel(groups.sequence)
     pipe = cases.build_pipeline(dit, vae, parallel=groups.world, cfg_parallel=groups.cfg)
-    out = cases.run_pipeline(pipe, seed=cases.PIPE_SEED + groups.world.rank)  # rank 0's noise must win
+    seed = cases.PIPE_SEED + groups.world.rank  # rank 0's noise must win
+    out = cases.run_pipeline(pipe, seed=seed, output_type="pt" if decode else "latent")
     record(f"{tag}/latents", out.latents)
-    record(f"{tag}/video", out.videos)
+    if decode:
+        record(f"{tag}/video", out.videos)
 
 
 def main() -> None:
@@ -61,7 +64,7 @@ def main() -> None:
     vae = cases.build_vae()
     record.fact("cfg/branch", split.cfg.branch)
     record.fact("cfg/layout", (split.layout.ulysses_degree, split.layout.ring_degree))
-    run_pipeline(split, cases.build_dit(), vae, record, "cfg")
+    run_pipeline(split, cases.build_dit(), vae, record, "cfg", decode=world_size == 2)  # decode: slow
     for fmt in FILES:
         dit = load(ckpt, fmt, plain.sequence)
         record.fact(f"shard/{fmt}/local_bytes", local_weight_bytes(dit))

@@ -104,9 +104,13 @@ def build_pipeline(dit, vae, parallel=None, cfg_parallel=None) -> HunyuanVideoPi
     )
 
 
-def run_pipeline(pipe: HunyuanVideoPipeline, seed: int = PIPE_SEED):
-    """The CFG pipeline run: positive prompt of 7 tokens, negative of 4 (padded differently in the batch)."""
+def run_pipeline(pipe: HunyuanVideoPipeline, seed: int = PIPE_SEED, output_type: str = "pt"):
+    """The CFG pipeline run: positive prompt of 7 tokens, negative of 4 (padded differently in the batch).
+
+    output_type="latent" skips the VAE decode (most of the run's time on a CPU).
+    """
     return pipe(
         prompt_conditions=text_conditions((7,), seed=21), negative_conditions=text_conditions((4,), seed=22),
-        generator=[torch.Generator().manual_seed(seed)], enable_tiling=True, show_progress=False, **PIPE,
+        generator=[torch.Generator().manual_seed(seed)], enable_tiling=True, show_progress=False,
+        output_type=output_type, **PIPE,
     )
