@@ -124,7 +124,8 @@ class RuntimeConfig:
     disable_autocast: bool
     offload_mode: str  # "none", "model", "block" or "sequential" (see hyvideo/lowmem/offload.py)
     plan_memory: float | None  # --plan-memory: print the memory plan (for a card of this many GiB) and exit
-    ulysses_degree: int | None  # None (both): chosen from the world size at launch (hyvideo/parallel/layout.py)
+    # None (both): chosen from the world size at launch (hyvideo/parallel/layout.py)
+    ulysses_degree: int | None
     ring_degree: int | None
     crf: int
     save_latents: bool
@@ -404,14 +405,15 @@ def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
                        help="Ulysses sequence-parallel degree (default: chosen from the process count).")
     # Differs: the original's help text says "Ulysses degree".
     group.add_argument("--ring-degree", type=int, default=None,
-                       help="Ring-attention sequence-parallel degree (default: chosen from the process count).")
+                       help="Ring-attention sequence-parallel degree (default: chosen from the process "
+                            "count).")
 
 
 def _add_multigpu_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Multi-GPU args (torchrun)")
     group.add_argument("--cfg-parallel", action="store_true",
-                       help="With --cfg-scale > 1: half of the processes denoise the negative prompt, half the "
-                            "positive, and the velocities are combined after each step (2 x U x R processes).")
+                       help="With --cfg-scale > 1: half of the processes denoise the negative prompt, half "
+                            "the positive; velocities are combined after each step (2 x U x R processes).")
     group.add_argument("--shard-weights", action="store_true",
                        help="Shard the DiT's weights over the sequence-parallel processes (PyTorch FSDP2): "
                             "each GPU holds ~1/N of them and gathers a block just before it runs.")
@@ -481,7 +483,8 @@ def multigpu_errors(args: argparse.Namespace) -> list[str]:
         env = launch_env()
     except ValueError as exc:
         return [str(exc)]
-    errors = parallel_layout_errors(args.ulysses_degree, args.ring_degree, env, cfg_parallel=args.cfg_parallel)
+    errors = parallel_layout_errors(args.ulysses_degree, args.ring_degree, env,
+                                    cfg_parallel=args.cfg_parallel)
     if args.cfg_parallel and args.cfg_scale <= 1.0:
         errors.append(f"--cfg-parallel splits the two classifier-free-guidance branches, but --cfg-scale "
                       f"{args.cfg_scale:g} runs only one: add --cfg-scale > 1 or drop --cfg-parallel")
@@ -551,7 +554,8 @@ def configs_from_args(args: argparse.Namespace) -> Configs:
         ring_degree=args.ring_degree, crf=args.crf, save_latents=args.save_latents,
         decode_latents=Path(args.decode_latents) if args.decode_latents else None,
         rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
-        cfg_parallel=args.cfg_parallel, shard_weights=args.shard_weights, local_world_size=env.local_world_size,
+        cfg_parallel=args.cfg_parallel, shard_weights=args.shard_weights,
+        local_world_size=env.local_world_size,
     )
     if runtime.auto_layout and not env.under_launcher:  # one process: 1 x 1, recorded as before
         runtime = dataclasses.replace(runtime, ulysses_degree=1, ring_degree=1)

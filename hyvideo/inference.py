@@ -7,8 +7,8 @@ semantics (seeds, size alignment, negative prompt), fixing what crashed there (s
 Under torchrun (`--ulysses-degree U --ring-degree R`, U x R processes, or no degree: chosen from the process
 count) every rank loads every component and calls `predict` with the same arguments; the components share one
 `ParallelGroups` (from `init_parallel`): its sequence group splits the DiT's image tokens (and, with
---shard-weights, its weights), all ranks split the VAE's decode tiles, and with --cfg-parallel the two guidance
-branches run on two halves of the ranks. Every rank returns the same videos; only the main process should
+--shard-weights, its weights), all ranks split the VAE's decode tiles, and with --cfg-parallel the two
+guidance branches run on two halves of the ranks. Every rank returns the same videos; only the main process should
 save them.
 """
 
@@ -118,7 +118,8 @@ def check_parallel_layout(configs: Configs) -> ParallelLayout:
 
 
 def _dit_heads(cfg: ModelConfig) -> int:
-    return resolve_dit_config(cfg.dit, require_path(cfg.dit_weight_path, "DiT weights (--dit-weight)")).heads_num
+    path = require_path(cfg.dit_weight_path, "DiT weights (--dit-weight)")
+    return resolve_dit_config(cfg.dit, path).heads_num
 
 
 @dataclass
@@ -174,7 +175,8 @@ class Inference:
         started = time.perf_counter()
         shard_group = as_parallel_groups(parallel).world if runtime.shard_weights and parallel else None
         components = {
-            "transformer": load_transformer(cfg, device if shard_group else load_device, shard_over=shard_group),
+            "transformer": load_transformer(cfg, device if shard_group else load_device,
+                                            shard_over=shard_group),
             "vae": load_vae_component(cfg, load_device),
             **load_text_encoders(cfg, load_device),
         }
@@ -189,7 +191,9 @@ class Inference:
         return cls(**components, model_config=cfg, device=device, parallel=parallel, offload=offload, **kwargs)
 
 
-def load_transformer(cfg: ModelConfig, device: torch.device, *, shard_over: SequenceParallelState | None = None):
+def load_transformer(
+    cfg: ModelConfig, device: torch.device, *, shard_over: SequenceParallelState | None = None
+):
     """The DiT on `device`; with `shard_over` (--shard-weights) each rank holds only its FSDP2 shards."""
     from hyvideo.modules import load_dit
     from hyvideo.modules.fp8_optimization import load_fp8_dit

@@ -120,8 +120,8 @@ def rss(double: int, single: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path, config = write_cut_checkpoint(Path(tmp), double, single)
         size = path.stat().st_size
-        print(f"fp8 checkpoint: full width (hidden {FULL.hidden_size}, {FULL.heads_num} heads), {double} double + "
-              f"{single} single blocks, {size / GIB:.2f} GiB")
+        print(f"fp8 checkpoint: full width (hidden {FULL.hidden_size}, {FULL.heads_num} heads), {double} "
+              f"double + {single} single blocks, {size / GIB:.2f} GiB")
         for sharded in (False, True):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                    __file__, "rss-worker", str(path), json.dumps(config)] + (["--sharded"] if sharded else [])
@@ -143,7 +143,8 @@ def _env() -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     p_shapes = sub.add_parser("shapes")
     p_shapes.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4, 8])

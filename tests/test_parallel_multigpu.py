@@ -61,7 +61,8 @@ def reference(checkpoints):
     ref["cfg/latents"], ref["cfg/video"] = out.latents, out.videos
     for fmt in FORMATS:
         if fmt == "fp8":
-            dit = load_fp8_dit(cases.DIT4, checkpoints / "dit_fp8.pt", dtype=torch.float32, attention_backend="sdpa")
+            dit = load_fp8_dit(cases.DIT4, checkpoints / "dit_fp8.pt", dtype=torch.float32,
+                               attention_backend="sdpa")
         else:
             dit = load_dit(cases.DIT4, checkpoints / "dit.pt", dtype=torch.float32, attention_backend="sdpa")
         ref[f"{fmt}/bytes"] = local_weight_bytes(dit)

@@ -81,7 +81,7 @@ def test_torchrun_cfg_parallel_writes_one_video_equal_to_single_process(tiny_tre
 
 @pytest.mark.multigpu
 def test_two_node_rendezvous_writes_one_video_equal_to_single_process(tiny_tree, tmp_path):
-    """Two torchrun launchers (2 "nodes" x 2 processes) meet through c10d; no degree given, sharded weights."""
+    """Two torchrun launchers (2 "nodes" x 2 processes) meet via c10d; no degree given, sharded weights."""
     out = tmp_path / "nodes"
     argv = ["--model-base", str(tiny_tree), "--prompt", PROMPT, "--save-path", str(out), "--save-latents",
             "--shard-weights", *SMALL]

@@ -108,7 +108,8 @@ class SequenceParallelState:
     def ring_peer(self, offset: int) -> int:
         """Global rank of the ring neighbour `offset` steps ahead (same Ulysses index)."""
         u = self.config.ulysses_degree
-        return self.rank_offset + ((self.ring_rank + offset) % self.config.ring_degree) * u + self.ulysses_rank
+        ring_rank = (self.ring_rank + offset) % self.config.ring_degree
+        return self.rank_offset + ring_rank * u + self.ulysses_rank
 
     def check_num_heads(self, num_heads: int) -> None:
         """Raise ValueError unless the Ulysses degree divides `num_heads` (call once from the model)."""
@@ -257,7 +258,8 @@ def build_groups(
                     ulysses_group = group
         if r_deg > 1:
             for u in range(u_deg):
-                group = dist.new_group([base + ring_idx * u_deg + u for ring_idx in range(r_deg)], timeout=timeout)
+                ranks = [base + ring_idx * u_deg + u for ring_idx in range(r_deg)]
+                group = dist.new_group(ranks, timeout=timeout)
                 if copy == mine and u == local % u_deg:
                     ring_group = group
     return ulysses_group, ring_group

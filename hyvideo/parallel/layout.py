@@ -93,8 +93,8 @@ def choose_layout(
     ring = per_branch // ulysses
     per_node = f" and the {node} ranks per node" if node < world_size else ""
     branch = " per CFG branch" if cfg == 2 else ""
-    reason = (f"automatic: the largest divisor of the {per_branch} ranks{branch} that divides the {num_heads} "
-              f"heads{per_node} goes to Ulysses, the rest to the ring")
+    reason = (f"automatic: the largest divisor of the {per_branch} ranks{branch} that divides the "
+              f"{num_heads} heads{per_node} goes to Ulysses, the rest to the ring")
     return ParallelLayout(ulysses, ring, cfg, reason)
 
 

@@ -90,14 +90,15 @@ def gathered_bytes_per_forward(model: nn.Module) -> int:
 
 
 def _local_rows(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """This rank's dim-0 shard of `full`, as FSDP2 cuts it (torch.chunk over the mesh, last ranks may be empty)."""
+    """This rank's dim-0 shard of `full` as FSDP2 cuts it (torch.chunk over the mesh; last ranks may be empty)."""
     mesh = param.device_mesh
     world, rank = mesh.size(), mesh.get_local_rank()
     chunks = torch.chunk(full, world, dim=0)
     rows = chunks[rank] if rank < len(chunks) else full[:0]
     local = param.to_local()
     if tuple(rows.shape) != tuple(local.shape):
-        raise RuntimeError(f"shard of shape {tuple(local.shape)} expected, torch.chunk gives {tuple(rows.shape)}")
+        raise RuntimeError(f"FSDP2 shard of shape {tuple(local.shape)}, but torch.chunk gives "
+                           f"{tuple(rows.shape)}: this torch cuts shards differently")
     return rows
 
 
@@ -142,9 +143,11 @@ def load_sharded_dit(
     from hyvideo.modules.models import HYVideoDiffusionTransformer
 
     device = torch.device(device) if device is not None else state.device
-    model = HYVideoDiffusionTransformer(config, dtype=dtype, device="meta", attention_backend=attention_backend)
+    model = HYVideoDiffusionTransformer(config, dtype=dtype, device="meta",
+                                        attention_backend=attention_backend)
     if use_fp8:
-        state_dict, scale_map = load_fp8_checkpoint(path, load_key=load_key, layer_names=fp8_layer_names(model))
+        names = fp8_layer_names(model)
+        state_dict, scale_map = load_fp8_checkpoint(path, load_key=load_key, layer_names=names)
         convert_fp8_linear(model, scale_map, compute_dtype=dtype or torch.float32, device=device)
     else:
         state_dict = load_dit_state_dict(path, load_key)
