@@ -111,9 +111,20 @@ def rss_worker(path: Path, config: dict, sharded: bool) -> None:
         checksum += float(local.reshape(-1).view(torch.uint8).sum()) if local.numel() else 0.0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report = {"rank": rank, "sharded": sharded, "peak_rss": peak, "before_load_rss": before,
-              "held": local_weight_bytes(model)}
+              "held": local_weight_bytes(model), **_rss_split()}
     print("RSS " + json.dumps(report), flush=True)
     dist.destroy_process_group()
+
+
+def _rss_split() -> dict:
+    """Current resident memory: private (anonymous) vs file-backed pages (the mmap'd checkpoint, shared
+    with every process on the host and evictable), from /proc/self/status."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("RssAnon", "RssFile"):
+            fields[name] = int(value.split()[0]) * 1024
+    return fields
 
 
 def rss(double: int, single: int) -> None:
@@ -133,7 +144,8 @@ def rss(double: int, single: int) -> None:
             for r in sorted(lines, key=lambda r: r["rank"]):
                 print(f"{'sharded  ' if sharded else 'unsharded'} rank {r['rank']}: peak RSS "
                       f"{r['peak_rss'] / GIB:.2f} GiB (before loading {r['before_load_rss'] / GIB:.2f}), "
-                      f"DiT bytes held {r['held'] / GIB:.2f} GiB")
+                      f"DiT bytes held {r['held'] / GIB:.2f} GiB; after loading: private "
+                      f"{r['RssAnon'] / GIB:.2f} GiB, file-backed {r['RssFile'] / GIB:.2f} GiB")
 
 
 def _env() -> dict:
