@@ -24,7 +24,16 @@ from hyvideo.constants import (
     VAE_TYPES,
     DiTConfig,
 )
+from hyvideo.diffusion.cache import (
+    CACHE_POLICIES,
+    DEFAULT_MAX_SKIP,
+    DEFAULT_RETENTION,
+    CacheConfig,
+    settings_errors,
+)
+from hyvideo.diffusion.cache_tables import DEFAULT_THRESHOLDS, load_ratios_file
 from hyvideo.lowmem.offload import OFFLOAD_MODES
+from hyvideo.prompt_rewrite import API_KEY_ENV_VARS, REWRITE_MODES, RewriteConfig
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +169,8 @@ class Configs:
     model: ModelConfig
     sampling: SamplingConfig
     runtime: RuntimeConfig
+    rewrite: RewriteConfig = RewriteConfig()  # --prompt-rewrite (off by default)
+    cache: CacheConfig = CacheConfig()  # --cache*: step caching (off by default)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -419,6 +430,90 @@ def _add_multigpu_args(parser: argparse.ArgumentParser) -> None:
                             "each GPU holds ~1/N of them and gathers a block just before it runs.")
 
 
+def _add_rewrite_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Prompt rewrite args (see README.md, 'Prompt rewrite')")
+    group.add_argument("--prompt-rewrite", type=str, default=None, choices=REWRITE_MODES,
+                       help="Rewrite each prompt before encoding, as the paper does: normal (clean English "
+                            "caption) or master (adds visual and aesthetic detail). Default: off.")
+    group.add_argument("--rewrite-endpoint", type=str, default=None, metavar="URL",
+                       help="OpenAI-compatible server (e.g. http://localhost:8000/v1) to rewrite with; API "
+                            f"key from ${API_KEY_ENV_VARS[0]} or ${API_KEY_ENV_VARS[1]}. Default: the "
+                            "loaded LLM text encoder.")
+    group.add_argument("--rewrite-model", type=str, default=None, metavar="NAME",
+                       help="Model name the --rewrite-endpoint server serves.")
+    group.add_argument("--rewrite-timeout", type=float, default=60.0, metavar="SECONDS",
+                       help="Seconds to wait for the rewrite server per try (default 60).")
+    group.add_argument("--rewrite-retries", type=int, default=2,
+                       help="Extra tries (1 s, 2 s, 4 s ... apart) when the server is unreachable, times out "
+                            "or answers 429/5xx (default 2).")
+    group.add_argument("--rewrite-max-tokens", type=int, default=None,
+                       help="Longest rewrite in tokens (default: the server's limit; 256 with the local "
+                            "LLM).")
+    group.add_argument("--rewrite-fallback", action="store_true",
+                       help="If rewriting fails, warn and continue with the original prompt (default: "
+                            "exit 2).")
+
+
+def rewrite_validation_errors(args: argparse.Namespace) -> list[str]:
+    """Problems with the --prompt-rewrite / --rewrite-* flags."""
+    errors = []
+    if args.prompt_rewrite is None:
+        given = [name for name in ("rewrite_endpoint", "rewrite_model", "rewrite_max_tokens")
+                 if getattr(args, name) is not None] + (["rewrite_fallback"] if args.rewrite_fallback else [])
+        if given:
+            flags = ", ".join(f"--{n.replace('_', '-')}" for n in given)
+            errors.append(f"{flags} need --prompt-rewrite normal or --prompt-rewrite master")
+        return errors
+    endpoint = args.rewrite_endpoint
+    if endpoint is not None and not endpoint.strip().lower().startswith(("http://", "https://")):
+        errors.append(f"--rewrite-endpoint must be an http:// or https:// URL, got {endpoint!r}")
+    if endpoint is not None and not (args.rewrite_model or "").strip():
+        errors.append("--rewrite-endpoint needs --rewrite-model NAME (the model the server serves)")
+    if endpoint is None and args.rewrite_model is not None:
+        errors.append("--rewrite-model needs --rewrite-endpoint URL (without one the loaded LLM rewrites)")
+    if not args.rewrite_timeout > 0:
+        errors.append(f"--rewrite-timeout must be > 0 seconds, got {args.rewrite_timeout}")
+    if args.rewrite_retries < 0:
+        errors.append(f"--rewrite-retries must be >= 0, got {args.rewrite_retries}")
+    if args.rewrite_max_tokens is not None and args.rewrite_max_tokens < 1:
+        errors.append(f"--rewrite-max-tokens must be >= 1, got {args.rewrite_max_tokens}")
+    return errors
+
+
+def rewrite_config_from_args(args: argparse.Namespace) -> RewriteConfig:
+    """The rewrite settings (mode None: off); the API key comes from the environment only, never a flag."""
+    key_env = next((name for name in API_KEY_ENV_VARS if os.environ.get(name, "").strip()), None)
+    return RewriteConfig(
+        mode=args.prompt_rewrite, endpoint=args.rewrite_endpoint.strip() if args.rewrite_endpoint else None,
+        model=args.rewrite_model.strip() if args.rewrite_model else None, timeout_s=args.rewrite_timeout,
+        retries=args.rewrite_retries, max_tokens=args.rewrite_max_tokens, fallback=args.rewrite_fallback,
+        api_key_env=key_env if args.rewrite_endpoint else None,
+        api_key=os.environ[key_env].strip() if key_env and args.rewrite_endpoint else None,
+    )
+
+
+def _add_cache_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Step cache args (skip the DiT blocks on some steps; off by default)")
+    group.add_argument("--cache", type=str, default="none", choices=CACHE_POLICIES,
+                       help="Step cache: magcache (precomputed ratios, no per-step sync), teacache "
+                            "(modulated-input change), fbcache (first-block residual change); none = exact.")
+    thresholds = ", ".join(f"{k} {v}" for k, v in DEFAULT_THRESHOLDS.items())
+    group.add_argument("--cache-threshold", type=float, default=None,
+                       help=f"Reuse threshold, higher = more reuse (defaults: {thresholds}); 0 = never "
+                            "reuse.")
+    group.add_argument("--cache-max-skip", type=int, default=None, metavar="K",
+                       help=f"magcache: at most K consecutive reused steps (default {DEFAULT_MAX_SKIP}).")
+    group.add_argument("--cache-retention", type=float, default=None,
+                       help=f"magcache: this fraction of the first steps always computes (default "
+                            f"{DEFAULT_RETENTION}).")
+    group.add_argument("--cache-calibrate", type=str, nargs="?", const="", default=None, metavar="FILE",
+                       help="Compute every step and log MagCache's magnitude ratios for this size and step "
+                            "count (and write them as JSON to FILE, for --cache-ratios).")
+    group.add_argument("--cache-ratios", type=str, default=None, metavar="FILE",
+                       help="magcache: calibrated ratios (JSON from --cache-calibrate FILE) instead of the "
+                            "nearest published table.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrorParser(description="HunyuanVideo inference script")
     _add_network_args(parser)
@@ -427,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_args(parser)
     _add_parallel_args(parser)
     _add_multigpu_args(parser)
+    _add_rewrite_args(parser)
+    _add_cache_args(parser)
     return parser
 
 
@@ -473,8 +570,9 @@ def validation_errors(args: argparse.Namespace) -> list[str]:
         errors.append("--prompt and --prompt-file are mutually exclusive: give one")
     if args.prompt is not None and not args.prompt.strip():
         errors.append("--prompt is empty")
+    errors += rewrite_validation_errors(args)
     errors += multigpu_errors(args)
-    return errors
+    return errors + cache_flag_errors(args)
 
 
 def multigpu_errors(args: argparse.Namespace) -> list[str]:
@@ -495,7 +593,48 @@ def multigpu_errors(args: argparse.Namespace) -> list[str]:
         errors.append(f"--shard-weights keeps each GPU's share of the DiT resident, which --offload-mode "
                       f"{resolve_offload_mode(args)} (or --use-cpu-offload) contradicts: use --offload-mode "
                       f"model (text encoders and VAE loaded per stage) or none")
+    if args.cfg_parallel and args.cache in ("teacache", "fbcache"):
+        errors.append(f"--cache {args.cache} decides from each branch's own values, so the two --cfg-parallel "
+                      f"halves would skip different steps: use --cache magcache (decided by the step alone) "
+                      f"or drop --cfg-parallel")
     return errors
+
+
+def cache_flag_errors(args: argparse.Namespace) -> list[str]:
+    """Problems with the --cache* flags (the ratios file itself is read in `cache_config_from_args`)."""
+    errors = []
+    if args.cache == "none" and args.cache_calibrate is None:
+        given = [f for f in ("cache_threshold", "cache_max_skip", "cache_retention")
+                 if getattr(args, f) is not None]
+        if given:
+            errors.append(f"--{given[0].replace('_', '-')} has no effect without --cache magcache, teacache "
+                          "or fbcache")
+    if args.cache != "magcache":
+        given = [f for f in ("cache_max_skip", "cache_retention") if getattr(args, f) is not None]
+        if given and args.cache != "none":
+            errors.append(f"--{given[0].replace('_', '-')} applies to --cache magcache only")
+    if args.cache_calibrate and not Path(args.cache_calibrate).resolve().parent.is_dir():
+        errors.append(f"--cache-calibrate {args.cache_calibrate}: its folder does not exist")
+    if args.cache_calibrate is not None and args.cache_ratios is not None:
+        errors.append("--cache-calibrate measures new ratios: drop --cache-ratios")
+    return errors + settings_errors(_cache_settings(args))
+
+
+def _cache_settings(args: argparse.Namespace, ratios: tuple[float, ...] | None = None) -> CacheConfig:
+    return CacheConfig(
+        policy=args.cache, threshold=args.cache_threshold,
+        max_skip=DEFAULT_MAX_SKIP if args.cache_max_skip is None else args.cache_max_skip,
+        retention=DEFAULT_RETENTION if args.cache_retention is None else args.cache_retention,
+        calibrate=args.cache_calibrate is not None, calibrate_path=args.cache_calibrate or None,
+        ratios=ratios if ratios is not None else (() if args.cache_ratios is not None else None),
+        ratios_source=args.cache_ratios,
+    )
+
+
+def cache_config_from_args(args: argparse.Namespace) -> CacheConfig:
+    """The step-cache settings; reads --cache-ratios (ValueError, one line, when it is not usable)."""
+    ratios = load_ratios_file(args.cache_ratios) if args.cache_ratios is not None else None
+    return _cache_settings(args, ratios)
 
 
 def video_hw(video_size: list[int] | tuple[int, ...]) -> tuple[int, int]:
@@ -559,7 +698,8 @@ def configs_from_args(args: argparse.Namespace) -> Configs:
     )
     if runtime.auto_layout and not env.under_launcher:  # one process: 1 x 1, recorded as before
         runtime = dataclasses.replace(runtime, ulysses_degree=1, ring_degree=1)
-    return Configs(model=model, sampling=sampling, runtime=runtime)
+    return Configs(model=model, sampling=sampling, runtime=runtime, rewrite=rewrite_config_from_args(args),
+                   cache=cache_config_from_args(args))
 
 
 def announce_adjustments(args: argparse.Namespace) -> None:

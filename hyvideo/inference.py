@@ -131,6 +131,7 @@ class PredictOutput:
     negative_prompt: str
     size: tuple[int, int, int]  # (height, width, frames) actually generated
     timings: dict[str, float] = field(default_factory=dict)
+    step_cache: dict | None = None  # with --cache / --cache-calibrate: policy, parameters, computed steps
 
 
 class Inference:
@@ -269,11 +270,13 @@ class HunyuanVideoSampler(Inference):
         output_type: str = "pt",
         enable_tiling: bool = True,
         show_progress: bool = True,
+        cache=None,
     ) -> PredictOutput:
         """Generate `num_videos_per_prompt` videos for one prompt; video i uses seed `seed + i`.
 
         Under sequence parallelism call it on every rank with the same arguments: the seed is rank 0's,
-        only rank 0 shows the progress bar, and every rank returns the same output.
+        only rank 0 shows the progress bar, and every rank returns the same output. `cache`: step-cache
+        settings (hyvideo.diffusion.cache.CacheConfig); None or policy "none" runs every block.
         """
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty: give a text prompt")
@@ -299,7 +302,7 @@ class HunyuanVideoSampler(Inference):
             embedded_guidance_scale=embedded_guidance_scale, num_videos_per_prompt=len(seeds),
             generator=generators, data_type="video" if video_length > 1 else "image",
             output_type=output_type, enable_tiling=enable_tiling,
-            show_progress=show_progress and self.is_main_process,
+            show_progress=show_progress and self.is_main_process, cache=cache,
         )
         elapsed = time.perf_counter() - started
         logger.info("Success, time: %.1f s", elapsed)
@@ -307,4 +310,5 @@ class HunyuanVideoSampler(Inference):
             samples=out.videos, latents=out.latents, seeds=seeds, prompt=prompt.strip(),
             negative_prompt=self.pipeline.resolve_negative_prompt(negative) if guidance_scale > 1 else "",
             size=(target_h, target_w, video_length), timings={**out.timings, "total_s": elapsed},
+            step_cache=out.step_cache,
         )

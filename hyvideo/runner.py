@@ -8,7 +8,9 @@ them) instead of leaving the others waiting.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -19,6 +21,7 @@ import torch
 
 from hyvideo.config import Configs, RuntimeConfig
 from hyvideo.constants import PRECISION_TO_TYPE
+from hyvideo.prompt_rewrite import RewriteConfig, RewriteError, RewriteResult
 from hyvideo.utils.file_utils import (
     check_writable_dir,
     load_latents,
@@ -108,6 +111,8 @@ def _setup_logging(runtime: RuntimeConfig) -> None:
 
 def _report_user_error(exc: BaseException, runtime: RuntimeConfig, *, every_rank: bool) -> int:
     logger.debug("details", exc_info=True)
+    if getattr(exc, "main_rank_reports", False):  # the same failure, decided on rank 0 for every rank
+        every_rank = runtime.rank == 0
     if every_rank or runtime.local_rank == 0:
         tag = f"[rank {runtime.rank}] " if every_rank and runtime.world_size > 1 else ""
         print(f"sample_video.py: error: {tag}{exc}", file=sys.stderr, flush=True)
@@ -144,10 +149,18 @@ def _sample(configs: Configs, save_dir: Path, groups) -> None:
     from hyvideo.inference import HunyuanVideoSampler, agree_seed
 
     sampling = configs.sampling
+    state = groups.world  # every rank: the seed, the rewrites and who writes
+    # A rewrite server is asked before minutes of model loading; the local LLM needs the models first.
+    rewrites = rewrite_prompts_for_run(configs, state) if configs.rewrite.uses_endpoint else None
     sampler = HunyuanVideoSampler.from_pretrained(configs, parallel=groups,
                                                   use_autocast=not configs.runtime.disable_autocast)
-    seed = agree_seed(sampling.seed, groups.world)  # one seed for the whole run, the same on every rank
+    if configs.rewrite.enabled and rewrites is None:
+        rewrites = rewrite_prompts_for_run(configs, state, sampler=sampler)
+    seed = agree_seed(sampling.seed, state)  # one seed for the whole run, the same on every rank
+    calibrations = []
     for index, prompt in enumerate(sampling.prompts):
+        rewrite = rewrites[index] if rewrites is not None else None
+        prompt = rewrite.rewritten if rewrite is not None else prompt
         logger.info("Prompt %d/%d: %s", index + 1, len(sampling.prompts), prompt)
         out = sampler.predict(
             prompt, height=sampling.height, width=sampling.width, video_length=sampling.video_length,
@@ -156,21 +169,107 @@ def _sample(configs: Configs, save_dir: Path, groups) -> None:
             flow_reverse=sampling.flow_reverse, embedded_guidance_scale=sampling.embedded_cfg_scale
             if sampler.transformer.config.guidance_embed else None,
             num_videos_per_prompt=sampling.num_videos * sampling.batch_size,
-            enable_tiling=configs.model.vae_tiling,
+            enable_tiling=configs.model.vae_tiling, cache=configs.cache,
         )
-        if groups.is_main:  # every rank holds the same videos; one writes them
-            save_outputs(out, configs, save_dir)
+        if state.is_main:  # every rank holds the same videos; one writes them
+            save_outputs(out, configs, save_dir, rewrite=rewrite)
+            calibrations.append(out.step_cache)
+    if state.is_main and configs.cache.calibrate:
+        report_calibration(calibrations, configs)
 
 
-def save_outputs(out, configs: Configs, save_dir: Path) -> list[Path]:
-    """One mp4 per video, each with a JSON sidecar (and latents with --save-latents)."""
+def report_calibration(summaries: list[dict], configs: Configs) -> None:
+    """--cache-calibrate: print the measured MagCache ratios (mean over the prompts); write them as JSON."""
+    runs = [s["measured_mag_ratios"] for s in summaries]
+    ratios = [round(sum(values) / len(runs), 5) for values in zip(*runs, strict=True)]
+    sampling = configs.sampling
+    payload = {"mag_ratios": ratios, "num_steps": len(ratios), "prompts": len(runs),
+               "size": [sampling.height, sampling.width, sampling.video_length]}
+    print(f"MagCache ratios for {sampling.height}x{sampling.width}x{sampling.video_length}, "
+          f"{len(ratios)} steps (mean over {len(runs)} prompt(s)): {json.dumps(ratios)}")
+    if configs.cache.calibrate_path:
+        path = write_sidecar(configs.cache.calibrate_path, payload, overwrite=True)  # atomic JSON
+        logger.info("MagCache ratios written to %s (use with --cache magcache --cache-ratios %s)", path, path)
+
+
+def rewrite_prompts_for_run(configs: Configs, state, *, sampler=None) -> list[RewriteResult]:
+    """--prompt-rewrite: every prompt rewritten once, before any is encoded or any file is written.
+
+    Rank 0 rewrites (with the server, or with `sampler`'s LLM text encoder when there is no endpoint) and
+    sends the texts, or its one-line failure, to the other ranks, so all ranks encode the same prompts.
+    """
+    from hyvideo.prompt_rewrite import rewrite_prompts
+
+    rewrite = configs.rewrite
+    payload: tuple[str, object] = ("pending", None)
+    if state.is_main:
+        try:
+            backend = _rewrite_backend(rewrite, configs, sampler)
+            with sampler.pipeline.stage("text_encoder") if sampler is not None else contextlib.nullcontext():
+                results = rewrite_prompts(configs.sampling.prompts, rewrite.mode, backend,
+                                          fallback=rewrite.fallback)
+            payload = ("ok", results)
+        except RewriteError as exc:
+            payload = ("error", str(exc))
+    status, value = _share_from_main(payload, state)
+    if status == "error":
+        error = RewriteError(value)
+        error.main_rank_reports = True  # one line from rank 0, not one per rank
+        raise error
+    return value
+
+
+def _rewrite_backend(rewrite: RewriteConfig, configs: Configs, sampler):
+    from hyvideo.prompt_rewrite import (
+        DEFAULT_LOCAL_MAX_NEW_TOKENS,
+        ChatCompletionsBackend,
+        LocalLLMBackend,
+        UnavailableBackend,
+        load_lm_head,
+    )
+
+    if rewrite.uses_endpoint:
+        return ChatCompletionsBackend(endpoint=rewrite.endpoint, model=rewrite.model, api_key=rewrite.api_key,
+                                      timeout_s=rewrite.timeout_s, retries=rewrite.retries,
+                                      max_tokens=rewrite.max_tokens)
+    llm, device = sampler.text_encoder, sampler.pipeline.device
+    try:
+        lm_head = load_lm_head(configs.model.text_encoder_path, dtype=llm.dtype, device=device)
+    except RewriteError as exc:
+        return UnavailableBackend(name=LocalLLMBackend.name, error=exc)
+    return LocalLLMBackend(text_encoder=llm, lm_head=lm_head, device=device,
+                           max_new_tokens=rewrite.max_tokens or DEFAULT_LOCAL_MAX_NEW_TOKENS)
+
+
+def _share_from_main(payload, state):
+    """Rank 0's picklable `payload` on every rank (unchanged in one process)."""
+    if not state.enabled:
+        return payload
+    import torch.distributed as dist
+
+    box = [payload]
+    dist.broadcast_object_list(box, src=0, device=state.comm_device)
+    return box[0]
+
+
+def save_outputs(
+    out, configs: Configs, save_dir: Path, *, rewrite: RewriteResult | None = None
+) -> list[Path]:
+    """One mp4 per video, each with a JSON sidecar (and latents with --save-latents).
+
+    With a prompt rewrite, `out.prompt` is the rewritten prompt (the one encoded); the file is named after
+    the user's prompt and the sidecar records both under "prompt_rewrite".
+    """
     time_flag = make_time_flag()
     written = []
+    extra = {"prompt_rewrite": rewrite.as_record()} if rewrite is not None else {}
+    if getattr(out, "step_cache", None):
+        extra["step_cache"] = out.step_cache
     for i, seed in enumerate(out.seeds):
-        stem = safe_filename(out.prompt, seed=seed, time_flag=time_flag)
+        stem = safe_filename(rewrite.original if rewrite else out.prompt, seed=seed, time_flag=time_flag)
         path = unique_path(save_dir, stem, ".mp4", sibling_suffixes=(".json", ".safetensors"))
         record = run_record(configs, prompt=out.prompt, negative_prompt=out.negative_prompt, seed=seed,
-                            size=out.size, timings=out.timings)
+                            size=out.size, timings=out.timings, **extra)
         if configs.runtime.save_latents:
             record["latents_file"] = path.with_suffix(".safetensors").name
             save_latents(path.with_suffix(".safetensors"), out.latents[i : i + 1], record)
@@ -188,10 +287,17 @@ def run_record(configs: Configs, **facts) -> dict:
 
     return {
         **facts,
-        "settings": dataclasses.asdict(configs),
+        "settings": settings_record(configs),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "diffusers": diffusers.__version__, "python": sys.version.split()[0]},
     }
+
+
+def settings_record(configs: Configs) -> dict:
+    """Every setting as a dict for the sidecar, without secrets (the rewrite API key)."""
+    settings = dataclasses.asdict(configs)
+    settings.get("rewrite", {}).pop("api_key", None)
+    return settings
 
 
 def decode_saved_latents(
@@ -217,6 +323,6 @@ def decode_saved_latents(
     path = unique_path(save_dir, f"{latents_path.stem}_decoded", ".mp4", sibling_suffixes=(".json",))
     save_video(video[0], path, fps=FPS, crf=configs.runtime.crf)
     write_sidecar(path, {**record, "decoded_from": str(latents_path),
-                         "decode_settings": dataclasses.asdict(configs)})
+                         "decode_settings": settings_record(configs)})
     logger.info("Decoded video saved to: %s", path)
     return path

@@ -239,6 +239,7 @@ class BlockOffloader:
         use_copy_stream = self._streams and self.prefetch > 0
         self._copy_stream = torch.Stream(device=self.onload_device) if use_copy_stream else None
         self._released: list[torch.Event] = []  # compute-stream events of units dropped since the last wait
+        self._blocks_started = False  # whether a unit has run in the current model forward
         block_modules = _resolve_blocks(model, blocks)
         self._units = self._build_units(block_modules, pin)
         self._resident = self._move_resident()
@@ -292,14 +293,17 @@ class BlockOffloader:
     # -- hooks --
 
     def _model_pre_forward(self, module: nn.Module, args) -> None:
-        # Start clean (a previous forward may have raised half-way), then copy the first blocks ahead while
-        # the embedders and the token refiner run.
+        # Start clean (a previous forward may have raised half-way). Nothing is copied yet: a forward whose
+        # blocks are skipped (a step cache reusing its residual) must stream no block.
         self.offload_all()
-        for index in range(min(self.prefetch, len(self._units))):
-            self._start_prefetch(index)
+        self._blocks_started = False
 
     def _pre_hook(self, index: int):
         def hook(module: nn.Module, args, kwargs):
+            if not self._blocks_started:  # the first unit of this forward: copy it and the next ones
+                self._blocks_started = True
+                for ahead in range(index, min(index + self.prefetch, len(self._units))):
+                    self._start_prefetch(ahead)
             self._make_resident(self._units[index])  # waits (on the device) for its prefetch copy
             if self.granularity == "block":
                 return None

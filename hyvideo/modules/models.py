@@ -7,12 +7,14 @@ Module attribute names are those of the original, because they are the checkpoin
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 
 import torch
 from torch import nn
 
 from ..constants import DiTConfig
+from ..diffusion.cache import BlockStack, StepCache
 from ..parallel.dit import ImageTokenSplit
 from ..parallel.groups import SequenceParallelState
 from .attention import AttentionBackend, attention, resolve_attention_backend
@@ -349,6 +351,36 @@ class HYVideoDiffusionTransformer(nn.Module):
         cos, sin = _cached_rope(latent_thw, tuple(cfg.rope_dim_list), float(cfg.rope_theta), self.patch_size)
         return cos.to(device), sin.to(device)
 
+    def _run_blocks(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        vec: torch.Tensor,
+        freqs: tuple[torch.Tensor, torch.Tensor],
+        key_mask: torch.Tensor | None,
+        backend: AttentionBackend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run blocks start .. stop-1 of [double blocks | single blocks]; returns (img, txt) after them.
+
+        img (B, L_loc, D), txt (B, L_txt, D). The step cache runs the first double block alone this way.
+        """
+        num_double = len(self.double_blocks)
+        stop = num_double + len(self.single_blocks) if stop is None else stop
+        # Double-stream blocks: separate image and text streams
+        for block in itertools.islice(self.double_blocks, start, min(stop, num_double)):
+            img, txt = block(img, txt, vec, freqs, key_mask=key_mask, backend=backend)
+        if stop <= num_double:
+            return img, txt
+        # Single-stream blocks over [img | txt]
+        img_len = img.shape[1]
+        x_tokens = torch.cat((img, txt), dim=1)  # (B, L_loc + L_txt, D)
+        for block in itertools.islice(self.single_blocks, max(start - num_double, 0), stop - num_double):
+            x_tokens = block(x_tokens, vec, freqs, img_len=img_len, key_mask=key_mask, backend=backend)
+        return x_tokens[:, :img_len], x_tokens[:, img_len:]
+
     def forward(
         self,
         x: torch.Tensor,
@@ -360,6 +392,7 @@ class HYVideoDiffusionTransformer(nn.Module):
         *,
         freqs_cos: torch.Tensor | None = None,
         freqs_sin: torch.Tensor | None = None,
+        step_cache: StepCache | None = None,
     ) -> torch.Tensor:
         """Predict the flow-matching velocity.
 
@@ -371,6 +404,8 @@ class HYVideoDiffusionTransformer(nn.Module):
             text_states_2: (B, text_states_dim_2) CLIP pooled output.
             guidance: (B,) embedded guidance scale * 1000; required iff config.guidance_embed.
             freqs_cos, freqs_sin: optional (L_img, head_dim) float32 RoPE tables; computed from x when None.
+            step_cache: this video's StepCache (hyvideo/diffusion/cache.py), created by the pipeline; it
+                decides whether this step runs the blocks. None: every block runs.
         Returns:
             (B, C_out, T, H, W). Under sequence parallelism (`enable_sequence_parallel`) every rank passes
             the same full inputs and gets the same full output.
@@ -401,15 +436,17 @@ class HYVideoDiffusionTransformer(nn.Module):
         if text_mask is not None:
             img_valid = torch.ones(batch, img_len, dtype=torch.bool, device=text_mask.device)
             key_mask = torch.cat((img_valid, text_mask), dim=1)[:, None, None, :]  # (B, 1, 1, L_loc + L_txt)
-        # 6. Double-stream blocks
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, freqs, key_mask=key_mask, backend=backend)
-        # 7. Single-stream blocks over [img | txt]
-        x_tokens = torch.cat((img, txt), dim=1)  # (B, L_loc + L_txt, D)
-        for block in self.single_blocks:
-            x_tokens = block(x_tokens, vec, freqs, img_len=img_len, key_mask=key_mask, backend=backend)
+        # 6-7. Double-stream blocks, then single-stream blocks over [img | txt] -> image tokens (B, L_loc, D).
+        #      Step cache hook: on a step it reuses, no block runs and it adds its stored residual instead.
+        run_blocks = functools.partial(self._run_blocks, vec=vec, freqs=freqs, key_mask=key_mask,
+                                       backend=backend)
+        if step_cache is None:
+            img, _ = run_blocks(img, txt)
+        else:
+            blocks = BlockStack.create(run_blocks, self.double_blocks[0], split, img_len)
+            img = step_cache.run(blocks, img, txt, vec)
         # 8. Final layer on the image tokens (per token, so before the gather: C_out * 4 features travel
         #    instead of D), gather every rank's tokens, unpatchify
-        out = self.final_layer(x_tokens[:, :img_len], vec)  # (B, L_loc, C_out * pt * ph * pw)
+        out = self.final_layer(img, vec)  # (B, L_loc, C_out * pt * ph * pw)
         out = split.gather(out)  # (B, L_img, C_out * pt * ph * pw)
         return unpatchify(out, grid, self.patch_size)  # (B, C_out, T, H, W)

@@ -12,6 +12,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from hyvideo.constants import NEGATIVE_PROMPT
+from hyvideo.diffusion.cache import CacheConfig, StepCache
 from hyvideo.lowmem.offload import OffloadPlan
 from hyvideo.parallel.groups import SequenceParallelState, broadcast_from_main
 from hyvideo.parallel.layout import CfgBranch
@@ -61,6 +62,7 @@ class HunyuanVideoPipelineOutput:
     videos: torch.Tensor | None  # (B, 3, T, H, W) float32 in [0, 1], on the CPU; None for latent output
     latents: torch.Tensor  # (B, C, T', H/8, W/8) float32
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    step_cache: dict | None = None  # with a step cache: its policy, parameters and computed steps
 
 
 def embedded_guidance_tensor(scale: float, batch: int, *, dtype: torch.dtype, device) -> torch.Tensor:
@@ -181,11 +183,13 @@ class HunyuanVideoPipeline(DiffusionPipeline):
         return torch.cat(draws).to(self.device)
 
     def predict_velocity(self, latents: torch.Tensor, t: torch.Tensor, cond: TextConditions,
-                         *, guidance_scale: float, embedded_guidance_scale: float | None) -> torch.Tensor:
+                         *, guidance_scale: float, embedded_guidance_scale: float | None,
+                         step_cache: StepCache | None = None) -> torch.Tensor:
         """One DiT evaluation, with classifier-free guidance when guidance_scale > 1.
 
-        Under --cfg-parallel (`cfg_parallel`) this rank evaluates only its branch of the CFG batch and the
-        paired rank the other; the two velocities are exchanged and combined identically on both.
+        With a step cache the whole batch (negative and positive halves) takes one decision. Under
+        --cfg-parallel (`cfg_parallel`) this rank evaluates only its branch of the CFG batch and the paired
+        rank the other; the two velocities are exchanged and combined identically on both.
         """
         do_cfg = guidance_scale > 1.0
         split_cfg = do_cfg and self.cfg_parallel is not None
@@ -198,8 +202,9 @@ class HunyuanVideoPipeline(DiffusionPipeline):
             guidance = embedded_guidance_tensor(embedded_guidance_scale, batch, dtype=self.dit_dtype,
                                                 device=self.device)
         with torch.autocast(self.device.type, dtype=self.dit_dtype, enabled=self._autocast(self.dit_dtype)):
+            cache_arg = {} if step_cache is None else {"step_cache": step_cache}
             v = self.transformer(x_in, t.repeat(batch), cond.embeds, cond.mask, cond.pooled,
-                                 guidance=guidance)
+                                 guidance=guidance, **cache_arg)
             if do_cfg:
                 v_uncond, v_cond = self.cfg_parallel.exchange(v) if split_cfg else v.chunk(2)
                 v = classifier_free_guidance(v_uncond, v_cond, guidance_scale)
@@ -207,13 +212,16 @@ class HunyuanVideoPipeline(DiffusionPipeline):
 
     def denoise(self, latents: torch.Tensor, cond: TextConditions, *, guidance_scale: float,
                 embedded_guidance_scale: float | None, callback: StepCallback | None = None,
-                show_progress: bool = True) -> torch.Tensor:
+                show_progress: bool = True, step_cache: StepCache | None = None) -> torch.Tensor:
         timesteps = self.scheduler.timesteps
         self.set_progress_bar_config(disable=not show_progress)
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
+                if step_cache is not None:
+                    step_cache.begin_step(i)
                 v = self.predict_velocity(latents, t, cond, guidance_scale=guidance_scale,
-                                          embedded_guidance_scale=embedded_guidance_scale)
+                                          embedded_guidance_scale=embedded_guidance_scale,
+                                          step_cache=step_cache)
                 latents = self.scheduler.step(v, t, latents)  # fp32 from here on
                 if callback is not None:
                     callback(i, t, latents)
@@ -254,6 +262,7 @@ class HunyuanVideoPipeline(DiffusionPipeline):
         enable_tiling: bool = True,
         callback_on_step_end: StepCallback | None = None,
         show_progress: bool = True,
+        cache: CacheConfig | None = None,
     ) -> HunyuanVideoPipelineOutput:
         """Sample videos.
 
@@ -265,6 +274,7 @@ class HunyuanVideoPipeline(DiffusionPipeline):
             generator: one per video (len = prompts x num_videos_per_prompt); or pass `latents`.
             output_type: "pt" decodes to a (B, 3, T, H, W) tensor in [0, 1]; "latent" skips decoding.
             callback_on_step_end: called as f(step_index, timestep, latents) after every step.
+            cache: step-cache settings (hyvideo/diffusion/cache.py); each call gets its own fresh state.
         """
         timings = _StageTimer(self.device)
         # 1. Check inputs
@@ -298,18 +308,24 @@ class HunyuanVideoPipeline(DiffusionPipeline):
             # generator=None and generators that differ by device).
             latents = broadcast_from_main(latents, self.parallel)
 
-        # 5. Denoise
+        # 5. Denoise (with this video's own step-cache state, if any)
+        step_cache = StepCache.create(cache, num_steps=len(self.scheduler.timesteps), height=height,
+                                      width=width)
         with timings("denoise_s"), self.stage("transformer"):
             latents = self.denoise(latents, cond, guidance_scale=guidance_scale,
                                    embedded_guidance_scale=embedded_guidance_scale,
-                                   callback=callback_on_step_end, show_progress=show_progress)
+                                   callback=callback_on_step_end, show_progress=show_progress,
+                                   step_cache=step_cache)
+        if step_cache is not None:
+            step_cache.log_summary()
 
         # 6. Decode
         videos = None
         if output_type != "latent":
             with timings("decode_s"), self.stage("vae"):
                 videos = self.decode(latents, enable_tiling=enable_tiling)
-        return HunyuanVideoPipelineOutput(videos=videos, latents=latents, timings=timings.seconds)
+        return HunyuanVideoPipelineOutput(videos=videos, latents=latents, timings=timings.seconds,
+                                          step_cache=step_cache.summary() if step_cache is not None else None)
 
     @staticmethod
     def check_inputs(prompt, prompt_conditions, *, height: int, width: int, video_length: int) -> None:
