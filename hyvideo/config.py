@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,13 @@ from hyvideo.diffusion.cache import (
 )
 from hyvideo.diffusion.cache_tables import DEFAULT_THRESHOLDS, load_ratios_file
 from hyvideo.lowmem.offload import OFFLOAD_MODES
+from hyvideo.modules.attention import attention_backend_problem
+from hyvideo.modules.compile import COMPILE_MODES
 from hyvideo.prompt_rewrite import API_KEY_ENV_VARS, REWRITE_MODES, RewriteConfig
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "vanilla")
+ATTENTION_BACKENDS = ("auto", "fa3", "flash", "sage", "sdpa", "vanilla")
 # Flags the original parses but never reads. We accept them so old commands keep working.
 NO_EFFECT_FLAGS = (
     "model_resolution",
@@ -54,6 +57,15 @@ DIT_FP8_FILE = "mp_rank_00_model_states_fp8.pt"
 # --------------------------------------------------------------------------------------------------
 # Typed configuration
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One --lora: the safetensors file and its scale."""
+
+    path: Path
+    scale: float = 1.0
+    ignore_alpha: bool = False  # factor 1 instead of alpha / rank (HunyuanVideo-I2V's effect LoRAs)
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,10 @@ class ModelConfig:
     text_encoder_precision_2: str
     tokenizer_2: str
     text_len_2: int
+    loras: tuple[LoraSpec, ...] = ()  # --lora, applied in order after the DiT is loaded
+    compile: bool = False  # --compile: regional torch.compile of the DiT blocks (hyvideo/modules/compile.py)
+    compile_mode: str = "default"
+    fp8_gemm: bool = False  # --fp8-gemm: fp8 matmuls in the block linears (hyvideo/modules/fp8_gemm.py)
 
     @property
     def dit_weight_path(self) -> Path:
@@ -399,7 +415,8 @@ def _add_inference_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prompt-file", type=str, default=None,
                        help="Text file with one prompt per line; models are loaded once for all.")
     group.add_argument("--attn-backend", type=str, default="auto", choices=ATTENTION_BACKENDS,
-                       help="Attention kernel: flash (GPU, flash-attn), sdpa, vanilla (reference).")
+                       help="Attention kernel: auto (GPU: fa3 > flash > sdpa), fa3 (Hopper, flash-attn 3), "
+                            "flash (flash-attn 2), sage (SageAttention), sdpa, vanilla (reference).")
     group.add_argument("--crf", type=int, default=17,
                        help="H.264 quality (0 = lossless, 17 ~ visually lossless, 23 = ffmpeg default).")
     group.add_argument("--save-latents", action="store_true",
@@ -514,6 +531,65 @@ def _add_cache_args(parser: argparse.ArgumentParser) -> None:
                             "nearest published table.")
 
 
+def _add_lora_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("LoRA args")
+    group.add_argument("--lora", type=str, action="append", default=None, metavar="PATH[:SCALE]",
+                       help="A LoRA .safetensors file (diffusers, original or kohya keys) applied to the DiT; "
+                            "repeat for several. PATH:SCALE sets its scale (default 1.0).")
+    group.add_argument("--lora-scale", type=float, action="append", default=None, metavar="S",
+                       help="Scale of the LoRAs, one per --lora in the same order (default 1.0 each).")
+    group.add_argument("--lora-ignore-alpha", action="store_true",
+                       help="Scale the LoRAs by --lora-scale alone, ignoring their stored alpha (as "
+                            "HunyuanVideo-I2V does for its effect LoRAs).")
+
+
+def split_lora_arg(text: str) -> tuple[str, float | None]:
+    """'PATH:SCALE' -> (PATH, SCALE); a PATH without a numeric ':SCALE' tail -> (PATH, None)."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, None
+
+
+def lora_specs(args: argparse.Namespace) -> tuple[tuple[LoraSpec, ...], list[str]]:
+    """The --lora / --lora-scale flags as LoraSpecs, and the problems with them (one line each)."""
+    paths, scales = args.lora or [], args.lora_scale or []
+    errors, specs = [], []
+    if len(scales) > len(paths):
+        errors.append(f"--lora-scale given {len(scales)} times but --lora {len(paths)} times: give at most one "
+                      "--lora-scale per --lora")
+    for index, text in enumerate(paths):
+        path, scale = split_lora_arg(text)
+        if scale is not None and index < len(scales):
+            errors.append(f"--lora {text} has a scale and also gets --lora-scale {scales[index]}: give one")
+        scale = scale if scale is not None else (scales[index] if index < len(scales) else 1.0)
+        if not math.isfinite(scale):
+            errors.append(f"--lora {path}: the scale must be a finite number, got {scale}")
+        suffix = Path(path).suffix.lower()
+        if suffix in (".pt", ".pth", ".ckpt", ".bin", ".pkl"):
+            errors.append(f"--lora {path}: {suffix} files are pickles, which can run code when loaded; "
+                          "use the .safetensors version of the LoRA")
+        elif not Path(path).is_file():
+            errors.append(f"--lora {path}: no such file")
+        specs.append(LoraSpec(Path(path), scale, args.lora_ignore_alpha))
+    return tuple(specs), errors
+
+
+def _add_speed_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Speed args (one device)")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the DiT's repeated blocks (one compiled graph per block class; "
+                            "the first step pays the compile time, a new video size compiles again).")
+    group.add_argument("--compile-mode", type=str, default="default", choices=COMPILE_MODES,
+                       help="torch.compile mode for --compile.")
+    group.add_argument("--fp8-gemm", action="store_true",
+                       help="With --use-fp8: multiply in fp8 (torch._scaled_mm, activations quantised per "
+                            "token); needs the CPU or a GPU of compute capability >= 8.9. Near-lossless.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrorParser(description="HunyuanVideo inference script")
     _add_network_args(parser)
@@ -524,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_multigpu_args(parser)
     _add_rewrite_args(parser)
     _add_cache_args(parser)
+    _add_lora_args(parser)
+    _add_speed_args(parser)
     return parser
 
 
@@ -571,6 +649,15 @@ def validation_errors(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None and not args.prompt.strip():
         errors.append("--prompt is empty")
     errors += rewrite_validation_errors(args)
+    errors += lora_specs(args)[1]
+    if args.fp8_gemm and not args.use_fp8:
+        errors.append("--fp8-gemm multiplies the fp8 weights directly: add --use-fp8")
+    # Not for --plan-memory / --decode-latents: they run no attention (a plan may be made on a laptop).
+    problem = None
+    if args.plan_memory is None and args.decode_latents is None:
+        problem = attention_backend_problem(args.attn_backend)
+    if problem:
+        errors.append(f"--attn-backend {args.attn_backend}: {problem}")
     errors += multigpu_errors(args)
     return errors + cache_flag_errors(args)
 
@@ -593,6 +680,11 @@ def multigpu_errors(args: argparse.Namespace) -> list[str]:
         errors.append(f"--shard-weights keeps each GPU's share of the DiT resident, which --offload-mode "
                       f"{resolve_offload_mode(args)} (or --use-cpu-offload) contradicts: use --offload-mode "
                       f"model (text encoders and VAE loaded per stage) or none")
+    together = [flag for flag, on in (("--lora", args.lora), ("--compile", args.compile),
+                                      ("--fp8-gemm", args.fp8_gemm)) if on]
+    if args.shard_weights and together:
+        errors.append(f"--shard-weights has not been tested with {', '.join(together)} (they change the "
+                      f"DiT's layers that FSDP2 shards): drop one of them")
     if args.cfg_parallel and args.cache in ("teacache", "fbcache"):
         errors.append(f"--cache {args.cache} decides from each branch's own values, so the two --cfg-parallel "
                       f"halves would skip different steps: use --cache magcache (decided by the step alone) "
@@ -670,7 +762,8 @@ def configs_from_args(args: argparse.Namespace) -> Configs:
         prompt_template_video=args.prompt_template_video,
         hidden_state_skip_layer=args.hidden_state_skip_layer, apply_final_norm=args.apply_final_norm,
         text_encoder_2=args.text_encoder_2, text_encoder_precision_2=args.text_encoder_precision_2,
-        tokenizer_2=args.tokenizer_2, text_len_2=args.text_len_2,
+        tokenizer_2=args.tokenizer_2, text_len_2=args.text_len_2, loras=lora_specs(args)[0],
+        compile=args.compile, compile_mode=args.compile_mode, fp8_gemm=args.fp8_gemm,
     )
     if args.prompt_file is not None:
         prompts = read_prompt_file(args.prompt_file)

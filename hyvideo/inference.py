@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from hyvideo.config import Configs, ModelConfig, RuntimeConfig
+from hyvideo.config import DIT_FILE, Configs, ModelConfig, RuntimeConfig
 from hyvideo.constants import PRECISION_TO_TYPE, PROMPT_TEMPLATE, DiTConfig
 from hyvideo.diffusion import FlowMatchDiscreteScheduler
 from hyvideo.diffusion.pipelines import HunyuanVideoPipeline
@@ -118,7 +118,7 @@ def check_parallel_layout(configs: Configs) -> ParallelLayout:
 
 
 def _dit_heads(cfg: ModelConfig) -> int:
-    path = require_path(cfg.dit_weight_path, "DiT weights (--dit-weight)")
+    path = require_path(dit_weight_file(cfg), "DiT weights (--dit-weight)")
     return resolve_dit_config(cfg.dit, path).heads_num
 
 
@@ -132,6 +132,7 @@ class PredictOutput:
     size: tuple[int, int, int]  # (height, width, frames) actually generated
     timings: dict[str, float] = field(default_factory=dict)
     step_cache: dict | None = None  # with --cache / --cache-calibrate: policy, parameters, computed steps
+    loras: list[dict] = field(default_factory=list)  # the applied LoRAs (LoraStack.records())
 
 
 class Inference:
@@ -181,6 +182,10 @@ class Inference:
             "vae": load_vae_component(cfg, load_device),
             **load_text_encoders(cfg, load_device),
         }
+        if cfg.fp8_gemm:  # before offload: the offloader tracks the modules that own each tensor
+            from hyvideo.modules.fp8_gemm import enable_fp8_gemm
+
+            enable_fp8_gemm(components["transformer"], device)
         offload = None
         if offload_mode != "none":
             from hyvideo.lowmem.offload import apply_offload
@@ -192,6 +197,18 @@ class Inference:
         return cls(**components, model_config=cfg, device=device, parallel=parallel, offload=offload, **kwargs)
 
 
+def dit_weight_file(cfg: ModelConfig) -> Path:
+    """The DiT weights to load. With --use-fp8, no --dit-weight and no official fp8 file, the bf16 file:
+    it is quantised at load (users need not download the fp8 pair too)."""
+    path = cfg.dit_weight_path
+    if cfg.use_fp8 and cfg.dit_weight is None and not path.exists():
+        bf16 = path.with_name(DIT_FILE)
+        if bf16.exists():
+            logger.info("--use-fp8: %s not found; quantising %s at load", path.name, bf16)
+            return bf16
+    return path
+
+
 def load_transformer(
     cfg: ModelConfig, device: torch.device, *, shard_over: SequenceParallelState | None = None
 ):
@@ -199,7 +216,7 @@ def load_transformer(
     from hyvideo.modules import load_dit
     from hyvideo.modules.fp8_optimization import load_fp8_dit
 
-    path = require_path(cfg.dit_weight_path, "DiT weights (--dit-weight)")
+    path = require_path(dit_weight_file(cfg), "DiT weights (--dit-weight)")
     dit_config = resolve_dit_config(cfg.dit, path)
     kwargs = dict(load_key=cfg.load_key, dtype=PRECISION_TO_TYPE[cfg.precision], device=device,
                   attention_backend=cfg.attn_backend)
@@ -209,6 +226,30 @@ def load_transformer(
         return load_sharded_dit(dit_config, path, shard_over, use_fp8=cfg.use_fp8, **kwargs)
     loader = load_fp8_dit if cfg.use_fp8 else load_dit
     return loader(dit_config, path, **kwargs)
+
+
+def prepare_loras(cfg: ModelConfig) -> list[tuple]:
+    """Read and check every --lora file against the DiT's layer names and shapes, before loading anything.
+
+    The DiT that will be loaded is built on the meta device (no memory), so a LoRA for another model or size
+    fails in seconds. Returns [(LoraWeights, scale)] for `HunyuanVideoSampler.add_lora`.
+    """
+    if not cfg.loras:
+        return []
+    from hyvideo.modules import HYVideoDiffusionTransformer
+    from hyvideo.modules.lora_files import read_lora
+
+    dit_config = resolve_dit_config(cfg.dit, require_path(cfg.dit_weight_path, "DiT weights (--dit-weight)"))
+    meta_dit = HYVideoDiffusionTransformer(dit_config, device="meta")
+    names: set[str] = set()
+    prepared = []
+    for spec in cfg.loras:
+        name, index = spec.path.stem, 2
+        while name in names:  # the same file name twice: keep both, told apart by a suffix
+            name, index = f"{spec.path.stem}_{index}", index + 1
+        names.add(name)
+        prepared.append((read_lora(spec.path, meta_dit, name=name, ignore_alpha=spec.ignore_alpha), spec.scale))
+    return prepared
 
 
 def load_vae_component(cfg: ModelConfig, device: torch.device):
@@ -244,6 +285,10 @@ class HunyuanVideoSampler(Inference):
         groups = self.groups
         # Checks U against the head count; the DiT splits its tokens over this rank's sequence group.
         self.transformer.enable_sequence_parallel(groups.sequence if groups is not None else None)
+        if cfg.compile:  # last: the model is final (offload hooks, sequence parallelism, fp8 layers)
+            from hyvideo.modules.compile import compile_dit_blocks
+
+            compile_dit_blocks(self.transformer, mode=cfg.compile_mode)
         self.pipeline = HunyuanVideoPipeline(
             vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
             transformer=self.transformer, scheduler=FlowMatchDiscreteScheduler(),
@@ -251,6 +296,48 @@ class HunyuanVideoSampler(Inference):
             use_autocast=use_autocast, parallel=self.parallel, offload=self.offload,
             cfg_parallel=groups.cfg if groups is not None else None,
         )
+        self._lora_stack = None
+
+    # -- LoRA (between prompts; the base model is never reloaded) --
+
+    @property
+    def lora_stack(self):
+        """The LoRAs applied to the DiT (hyvideo.modules.lora.LoraStack), created on first use."""
+        if self._lora_stack is None:
+            from hyvideo.modules.lora import LoraStack
+
+            self._lora_stack = LoraStack(self.transformer, device=self.device)
+        return self._lora_stack
+
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None, *, ignore_alpha: bool = False) -> str:
+        """Read a safetensors LoRA (diffusers, original or kohya keys) and apply it at `scale`.
+
+        Args:
+            path: the .safetensors file. name: how to refer to it later (default: the file's stem).
+            ignore_alpha: use factor 1 instead of alpha / rank (HunyuanVideo-I2V's effect LoRAs).
+        Returns:
+            The LoRA's name.
+        Raises:
+            FileNotFoundError / ValueError: see `hyvideo.modules.lora_files.read_lora`; the name is taken.
+        """
+        from hyvideo.modules.lora_files import read_lora
+
+        weights = read_lora(path, self.transformer, name=name, ignore_alpha=ignore_alpha)
+        self.add_lora(weights, scale)
+        return weights.name
+
+    def add_lora(self, weights, scale: float = 1.0) -> None:
+        """Apply an already read LoRA (`hyvideo.modules.lora_files.LoraWeights`) at `scale`."""
+        self.lora_stack.add(weights, scale)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Change the scale of a loaded LoRA (0 switches it off exactly, keeping it loaded)."""
+        self.lora_stack.set_scale(name, scale)
+
+    def unload_loras(self) -> None:
+        """Remove every LoRA: the DiT's weights are back to their exact original values."""
+        if self._lora_stack is not None:
+            self._lora_stack.clear()
 
     def predict(
         self,
@@ -311,4 +398,5 @@ class HunyuanVideoSampler(Inference):
             negative_prompt=self.pipeline.resolve_negative_prompt(negative) if guidance_scale > 1 else "",
             size=(target_h, target_w, video_length), timings={**out.timings, "total_s": elapsed},
             step_cache=out.step_cache,
+            loras=self._lora_stack.records() if self._lora_stack is not None else [],
         )

@@ -50,21 +50,23 @@ def run_cli(configs: Configs) -> int:
     # 1. Checks every rank decides alike from the flags and files, before any collective: one message
     #    (local rank 0), status 2 on every rank.
     layout = None  # decoding saved latents splits only the VAE tiles: every rank in one group
+    loras: list = []
     try:
         save_dir = check_writable_dir(runtime.save_path)  # before minutes of model loading
         if runtime.decode_latents is None:
-            from hyvideo.inference import check_parallel_layout
+            from hyvideo.inference import check_parallel_layout, prepare_loras
 
             layout = check_parallel_layout(configs)  # chosen here when no degree was given
             configs = dataclasses.replace(configs, runtime=dataclasses.replace(
                 runtime, ulysses_degree=layout.ulysses_degree, ring_degree=layout.ring_degree))
+            loras = prepare_loras(configs.model)  # a LoRA that does not fit fails before any loading
     except USER_ERRORS as exc:
         return _report_user_error(exc, runtime, every_rank=False)
     # 2. The process groups, then the work; a failure from here on ends this rank at once.
-    return run_guarded(lambda: _work(configs, save_dir, layout), runtime)
+    return run_guarded(lambda: _work(configs, save_dir, layout, loras), runtime)
 
 
-def _work(configs: Configs, save_dir: Path, layout) -> None:
+def _work(configs: Configs, save_dir: Path, layout, loras: list | None = None) -> None:
     from hyvideo.inference import init_parallel
     from hyvideo.parallel import destroy
 
@@ -77,7 +79,7 @@ def _work(configs: Configs, save_dir: Path, layout) -> None:
     if runtime.decode_latents is not None:
         decode_saved_latents(configs, runtime.decode_latents, save_dir, parallel=groups.world)
     else:
-        _sample(configs, save_dir, groups)
+        _sample(configs, save_dir, groups, loras or [])
     destroy(groups.world)
 
 
@@ -145,7 +147,7 @@ def run_guarded(work: Callable[[], None], runtime: RuntimeConfig) -> int:
     return code
 
 
-def _sample(configs: Configs, save_dir: Path, groups) -> None:
+def _sample(configs: Configs, save_dir: Path, groups, loras: list) -> None:
     from hyvideo.inference import HunyuanVideoSampler, agree_seed
 
     sampling = configs.sampling
@@ -156,6 +158,8 @@ def _sample(configs: Configs, save_dir: Path, groups) -> None:
                                                   use_autocast=not configs.runtime.disable_autocast)
     if configs.rewrite.enabled and rewrites is None:
         rewrites = rewrite_prompts_for_run(configs, state, sampler=sampler)
+    for weights, scale in loras:  # every rank applies the same LoRAs
+        sampler.add_lora(weights, scale)
     seed = agree_seed(sampling.seed, state)  # one seed for the whole run, the same on every rank
     calibrations = []
     for index, prompt in enumerate(sampling.prompts):
@@ -213,10 +217,14 @@ def rewrite_prompts_for_run(configs: Configs, state, *, sampler=None) -> list[Re
             payload = ("error", str(exc))
     status, value = _share_from_main(payload, state)
     if status == "error":
-        error = RewriteError(value)
-        error.main_rank_reports = True  # one line from rank 0, not one per rank
-        raise error
+        raise _SharedRewriteError(value)
     return value
+
+
+class _SharedRewriteError(RewriteError):
+    """Rank 0's rewrite failure, raised on every rank; reported once (by rank 0), not once per rank."""
+
+    main_rank_reports = True
 
 
 def _rewrite_backend(rewrite: RewriteConfig, configs: Configs, sampler):
@@ -265,6 +273,8 @@ def save_outputs(
     extra = {"prompt_rewrite": rewrite.as_record()} if rewrite is not None else {}
     if getattr(out, "step_cache", None):
         extra["step_cache"] = out.step_cache
+    if getattr(out, "loras", None):
+        extra["loras"] = out.loras
     for i, seed in enumerate(out.seeds):
         stem = safe_filename(rewrite.original if rewrite else out.prompt, seed=seed, time_flag=time_flag)
         path = unique_path(save_dir, stem, ".mp4", sibling_suffixes=(".json", ".safetensors"))

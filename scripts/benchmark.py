@@ -154,6 +154,10 @@ def build_ours_dit(spec: dict) -> nn.Module:
         scales = {n: torch.tensor(std / POOL_STD * jitter.uniform(0.5, 2.0)) for n in fp8_layer_names(model)}
         convert_fp8_linear(model, scales, compute_dtype=dtype, device="cpu")
     fill_parameters_(model, RandomFill(0), std)
+    if spec.get("fp8_gemm"):
+        from hyvideo.modules.fp8_gemm import enable_fp8_gemm
+
+        enable_fp8_gemm(model, spec["device"])
     return model.eval()
 
 
@@ -260,7 +264,12 @@ def build_component(spec: dict, impl: str, device: torch.device, cache: dict) ->
         model = cache["ours"] if impl == "ours" else diffusers_dit_from(cache["ours"], spec)
         if impl != "ours" and "ours" not in spec["impls"]:
             del cache["ours"]
-        return model, place_dit(model, impl, spec, device)
+        activate = place_dit(model, impl, spec, device)
+        if impl == "ours" and spec.get("compile"):  # after offload: its hooks stay outside the graphs
+            from hyvideo.modules.compile import compile_dit_blocks
+
+            compile_dit_blocks(model, mode=spec["compile_mode"])
+        return model, activate
     if kind == "vae":
         channels, groups = VAE_CONFIGS[spec["vae"]]
         model = build_vae(impl, channels, groups, spec["vae_tiling"])
@@ -484,8 +493,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="default fp16 on an accelerator (official), fp32 on the CPU")
     p.add_argument("--text-precision", choices=list(PRECISION_TO_TYPE), default=None,
                    help="default fp16 on an accelerator (official), bf16 on the CPU")
-    p.add_argument("--attention", default="auto", help="ours: auto, flash, sdpa, vanilla")
+    p.add_argument("--attention", "--attn-backend", dest="attention", default="auto",
+                   help="ours: auto, fa3, flash, sage, sdpa, vanilla")
     p.add_argument("--fp8", action="store_true", help="fp8 storage of the 320 block linears (weight-only)")
+    p.add_argument("--fp8-gemm", action="store_true", help="with --fp8: fp8 matmuls (torch._scaled_mm)")
+    p.add_argument("--compile", action="store_true", help="ours: torch.compile the DiT blocks (the warm-up "
+                   "runs compile: keep --warmup >= 1; scripts/benchmark_speed.py times compiled vs eager)")
+    p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"])
     p.add_argument("--offload", choices=["none", "block", "sequential"], default="none", help="DiT offload")
     p.add_argument("--no-vae-tiling", dest="vae_tiling", action="store_false")
     p.add_argument("--compare-diffusers", action="store_true")
@@ -499,6 +513,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.steps < 1 or args.text_tokens < 1:
         p.error("--repeats, --steps and --text-tokens must be >= 1 and --warmup >= 0")
+    if args.fp8_gemm and not args.fp8:
+        p.error("--fp8-gemm multiplies fp8 weights: add --fp8")
     try:
         latent_shape(args.height, args.width, args.frames)
     except ValueError as err:
@@ -526,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         peak = table_peak(torch.cuda.get_device_name(device))
     keys = ("dit", "vae", "text_encoder", "height", "width", "frames", "steps", "text_tokens", "precision",
             "vae_precision", "text_precision", "attention", "fp8", "offload", "vae_tiling", "repeats",
-            "warmup", "threads")
+            "warmup", "threads", "fp8_gemm", "compile", "compile_mode")
     spec = {k: getattr(args, k) for k in keys}
     spec.update(device=str(device), measure_peak=peak is None)
     load_start = os.getloadavg()[0]

@@ -1,6 +1,11 @@
 """Full-size fp8 loading benchmark: peak memory of `load_fp8_dit` on a 13 GB checkpoint, and one CPU forward.
 
     .venv/bin/python scripts/benchmark_fp8_load.py [--tmp-dir /tmp] [--threads 2]
+    .venv/bin/python scripts/benchmark_fp8_load.py --bf16 [--depth 4 8]   # --use-fp8 given bf16 weights
+
+With --bf16 the checkpoint is written in bf16 without a scale map, and the child measures the loader's
+quantise-at-load path: peak RSS against the loaded fp8 model's size (what the fp8 pair holds) and against the
+bf16 file. --depth keeps the full width with fewer blocks (the full bf16 file is 25 GB).
 
 1. Writes a random HYVideo-T/2-cfgdistill DiT in the official fp8 format into a temporary folder
    (`mp_rank_00_model_states_fp8.pt` wrapped under "module": the 320 block linears as float8_e4m3fn, the rest
@@ -33,7 +38,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from hyvideo.constants import HUNYUAN_VIDEO_CONFIG  # noqa: E402
+from hyvideo.constants import HUNYUAN_VIDEO_CONFIG, DiTConfig  # noqa: E402
 from hyvideo.modules import HYVideoDiffusionTransformer  # noqa: E402
 from hyvideo.modules.fp8_optimization import (  # noqa: E402
     FP8_DTYPE,
@@ -45,6 +50,7 @@ from hyvideo.modules.fp8_optimization import (  # noqa: E402
 MODEL = "HYVideo-T/2-cfgdistill"
 WEIGHTS_NAME = "mp_rank_00_model_states_fp8.pt"
 MAP_NAME = "mp_rank_00_model_states_fp8_map.pt"
+BF16_NAME = "mp_rank_00_model_states.pt"
 MIN_FREE_BYTES = 30 * 10**9
 WEIGHT_STD = 0.02  # dequantised weight scale: keeps the random 60-block forward finite
 POOL_STD = 112.0  # fp8 pool values ~ N(0, 112^2), clamped at 448 (4 sigma)
@@ -87,12 +93,25 @@ def _fill_fp8(target: np.ndarray, pool: np.ndarray, rng: np.random.Generator) ->
         done += count
 
 
-def write_checkpoint(folder: Path, seed: int = 0) -> tuple[Path, int]:
-    """Write the random fp8 checkpoint pair into `folder`; returns (weights path, parameter count)."""
+def bench_config(depth: tuple[int, int] | None) -> DiTConfig:
+    """The full-size architecture, or its full width with (double, single) blocks."""
+    config = HUNYUAN_VIDEO_CONFIG[MODEL]
+    if depth is None:
+        return config
+    return config.with_updates(mm_double_blocks_depth=depth[0], mm_single_blocks_depth=depth[1])
+
+
+def write_checkpoint(
+    folder: Path, seed: int = 0, *, bf16: bool = False, depth: tuple[int, int] | None = None
+) -> tuple[Path, int]:
+    """Write the random fp8 checkpoint pair (or, with `bf16`, one bf16 file) into `folder`.
+
+    Returns (weights path, parameter count).
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = HYVideoDiffusionTransformer(HUNYUAN_VIDEO_CONFIG[MODEL], device="meta")
-    fp8_keys = {f"{name}.weight" for name in fp8_layer_names(model)}
+    model = HYVideoDiffusionTransformer(bench_config(depth), device="meta")
+    fp8_keys = set() if bf16 else {f"{name}.weight" for name in fp8_layer_names(model)}
     specs = [
         (key, t.shape, FP8_DTYPE if key in fp8_keys else torch.bfloat16) for key, t in model.state_dict().items()
     ]
@@ -118,9 +137,10 @@ def write_checkpoint(folder: Path, seed: int = 0) -> tuple[Path, int]:
             values = torch.ones(shape.numel()) if is_norm else torch.randn(shape.numel()) * WEIGHT_STD
             buffer[:] = values.bfloat16().view(torch.uint8).numpy()
         state_dict[key] = torch.from_numpy(buffer).view(dtype).view(shape)
-    weights_path = folder / WEIGHTS_NAME
+    weights_path = folder / (BF16_NAME if bf16 else WEIGHTS_NAME)
     torch.save({"module": state_dict}, weights_path)
-    torch.save(scale_map, folder / MAP_NAME)
+    if not bf16:
+        torch.save(scale_map, folder / MAP_NAME)
     n_params = sum(t.numel() for t in state_dict.values())
     del state_dict
     scratch.unlink()
@@ -132,16 +152,21 @@ def write_checkpoint(folder: Path, seed: int = 0) -> tuple[Path, int]:
 # --------------------------------------------------------------------------------------------------
 
 
-def child(weights_path: Path, threads: int) -> None:
-    """Load with the fp8 loader, run one forward, print one JSON line of measurements."""
+def child(weights_path: Path, threads: int, depth: tuple[int, int] | None = None) -> None:
+    """Load with the fp8 loader, run one forward, print one JSON line of measurements.
+
+    A bf16 file (no scale map) takes the loader's quantise-at-load path.
+    """
     torch.set_num_threads(threads)
     result: dict[str, float] = {"rss_start": proc_status()["VmRSS"]}
     start = time.perf_counter()
-    model = load_fp8_dit(HUNYUAN_VIDEO_CONFIG[MODEL], weights_path, dtype=torch.bfloat16, device="cpu",
+    model = load_fp8_dit(bench_config(depth), weights_path, dtype=torch.bfloat16, device="cpu",
                          attention_backend="sdpa")
     result["load_s"] = time.perf_counter() - start
     status = proc_status()
-    result.update(rss_after_load=status["VmRSS"], hwm_after_load=status["VmHWM"])
+    result.update(rss_after_load=status["VmRSS"], hwm_after_load=status["VmHWM"],
+                  anon_after_load=status["RssAnon"], file_after_load=status["RssFile"],
+                  model_bytes=sum(t.numel() * t.element_size() for t in model.state_dict().values()))
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 1, 4, 4, generator=gen).bfloat16()  # 1 x 2 x 2 patches -> 4 image tokens
@@ -165,10 +190,28 @@ def child(weights_path: Path, threads: int) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def report(file_size: int, n_params: int, write_s: float, r: dict[str, float]) -> str:
-    def gib(n: float) -> str:
-        return f"{n / GiB:.2f} GiB"
+def gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
 
+
+def report_bf16(file_size: int, n_params: int, write_s: float, r: dict[str, float], depth) -> str:
+    """--bf16: quantise-at-load peak against the loaded fp8 model's size and the bf16 file's."""
+    model = r["model_bytes"]
+    return "\n".join([
+        f"model {MODEL}{f' with {depth[0]} double + {depth[1]} single blocks' if depth else ''}: "
+        f"{n_params:,} parameters; bf16 checkpoint written in {write_s:.0f} s",
+        f"bf16 file size                 {gib(file_size)}",
+        f"loaded fp8 model (fp8 + bf16)  {gib(model)} (what the fp8 file pair would hold)",
+        f"load_fp8_dit (quantise)        {r['load_s']:.1f} s; peak RSS {gib(r['hwm_after_load'])} = "
+        f"{r['hwm_after_load'] / model:.3f}x the fp8 model, {r['hwm_after_load'] / file_size:.3f}x the bf16 file",
+        f"after load                     RSS {gib(r['rss_after_load'])}: anon {gib(r['anon_after_load'])}, "
+        f"file-backed {gib(r['file_after_load'])}",
+        f"forward                        {r['forward_s']:.1f} s; peak RSS {gib(r['hwm_after_forward'])}; "
+        f"output finite: {bool(r['output_finite'])}",
+    ])
+
+
+def report(file_size: int, n_params: int, write_s: float, r: dict[str, float]) -> str:
     ratio_load, ratio_fwd = r["hwm_after_load"] / file_size, r["hwm_after_forward"] / file_size
     return "\n".join([
         f"model {MODEL}: {n_params:,} parameters; checkpoint written in {write_s:.0f} s",
@@ -187,10 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tmp-dir", default=tempfile.gettempdir(), help="where the ~13 GB checkpoint goes")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--bf16", action="store_true",
+                        help="write a bf16 checkpoint instead and measure --use-fp8's quantise-at-load path")
+    parser.add_argument("--depth", type=int, nargs=2, default=None, metavar=("DOUBLE", "SINGLE"),
+                        help="full width, this many blocks (default: the full 20 + 40)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    depth = tuple(args.depth) if args.depth else None
     if args.child:
-        child(Path(args.child), args.threads)
+        child(Path(args.child), args.threads, depth)
         return 0
 
     free = shutil.disk_usage(args.tmp_dir).free
@@ -201,16 +249,20 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="hyvideo_fp8_bench_", dir=args.tmp_dir))
     try:
         start = time.perf_counter()
-        weights_path, n_params = write_checkpoint(folder)
+        weights_path, n_params = write_checkpoint(folder, bf16=args.bf16, depth=depth)
         write_s = time.perf_counter() - start
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(weights_path),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), *(["--depth", *map(str, depth)] if depth else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if proc.returncode != 0:
             print(proc.stderr, file=sys.stderr)
             return 1
         measurements = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(report(weights_path.stat().st_size, n_params, write_s, measurements))
+        size = weights_path.stat().st_size
+        if args.bf16:
+            print(report_bf16(size, n_params, write_s, measurements, depth))
+        else:
+            print(report(size, n_params, write_s, measurements))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return 0

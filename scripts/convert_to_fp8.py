@@ -93,7 +93,7 @@ def convert(input_path: Path, output_dir: Path, load_key: str, overwrite: bool) 
         raise InputError(f"--input and the output are the same file ({weights_out})")
     state_dict = read_input(input_path, load_key)
     output_dir.mkdir(parents=True, exist_ok=True)
-    fp8_state_dict, scale_map = quantize_state_dict(state_dict)
+    fp8_state_dict, scale_map = quantize_state_dict(state_dict, page_out=True)  # the loader's rule, too
     logger.info("quantised %d layers of %d tensors", len(scale_map), len(fp8_state_dict))
     # Parity: the official fp8 file is wrapped under "module", like the bf16 release.
     save_atomically({"module": fp8_state_dict}, weights_out)

@@ -136,6 +136,8 @@ def _changed_value(action):
         return not action.default
     if action.nargs == "+":
         return [48, 80]
+    if isinstance(action, argparse._AppendAction):  # repeatable flags (--lora, --lora-scale)
+        return [0.5] if action.type is float else ["x.safetensors"]
     if action.type is int:
         return (action.default or 0) + 4
     if action.type is float:
@@ -148,14 +150,21 @@ def test_every_flag_reaches_the_configs(tmp_path):
     base = config.configs_from_args(parser.parse_args([]))
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("a dog\n\n# comment\na cat\n")
+    ratios_file = tmp_path / "ratios.json"  # --cache-ratios is read while building the configs
+    ratios_file.write_text("[1.0, 1.1]")
+    files = {"prompt_file": str(prompt_file), "cache_ratios": str(ratios_file)}
     dropped = []
     for action in parser._actions:
         if not action.option_strings or action.dest == "help" or action.dest in config.NO_EFFECT_FLAGS:
             continue
         args = parser.parse_args([])
-        value = str(prompt_file) if action.dest == "prompt_file" else _changed_value(action)
+        reference = base
+        if action.dest in ("lora_scale", "lora_ignore_alpha"):  # these act on the --lora flags
+            args.lora = ["x.safetensors"]
+            reference = config.configs_from_args(args)
+        value = files[action.dest] if action.dest in files else _changed_value(action)
         setattr(args, action.dest, value)
-        if config.configs_from_args(args) == base:
+        if config.configs_from_args(args) == reference:
             dropped.append(action.dest)
     assert not dropped, f"flags parsed but never reaching the configs: {dropped}"
 

@@ -105,7 +105,7 @@ def fake_flash_module():
 
 
 def test_flash_backend_segments_valid_and_padded_tokens(monkeypatch):
-    monkeypatch.setattr(attention_module, "_flash_module", [fake_flash_module()])
+    monkeypatch.setitem(attention_module._optional_modules, "flash_attn", fake_flash_module())
     q, k, v = qkv(length=10)
     key_mask = key_mask_from_lengths([10, 6], 10)
     out = attention(q, k, v, backend="flash", key_mask=key_mask).unflatten(-1, (2, 16))

@@ -8,6 +8,11 @@ Masks are boolean, True = "may attend":
   the DiT builds them ([image | valid text | padded text]).
 * (B, 1, L_q, L_k): a full mask, what the token refiner uses.
 
+Built-in backends: "sdpa" (torch), "vanilla" (float32 reference), and the optional GPU kernels "fa3"
+(flash-attn 3, Hopper), "flash" (flash-attn 2, the original's) and "sage" (SageAttention); those run their
+varlen entry with a key mask (valid tokens attend only to valid ones, as the original) and hand a full mask
+to SDPA. "auto" picks fa3 > flash > sdpa by what is installed and what the card runs.
+
 A backend is `fn(q, k, v, key_mask) -> out` with q/k/v and out (B, L, H, D). Named backends live in a registry
 (`register_attention_backend(name, fn, is_available)`); `attention()` also takes such a callable directly,
 which is how a backend that needs per-forward context runs (the DiT's sequence-parallel attention object,
@@ -31,26 +36,58 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor |
 # What blocks pass as `backend`: a registered name, or a backend callable carrying its own context.
 AttentionBackend = str | AttentionFn
 
-# The flash-attn module once imported (FA3 `flash_attn_interface` preferred, then FA2 `flash_attn`), or None
-# when neither imports. Filled lazily, so importing this file imports nothing optional.
-_flash_module: list[ModuleType | None] = []
+# Optional kernel packages, imported lazily (importing this file imports nothing optional): module name ->
+# the module, or None when it does not import. Filled on first use.
+_optional_modules: dict[str, ModuleType | None] = {}
+# backend -> (module, what to install). fa3: flash-attn 3 (`flash_attn_interface`, built from the hopper/
+# folder of Dao-AILab/flash-attention); flash: flash-attn 2, the original's kernel; sage: SageAttention.
+_PACKAGES: dict[str, tuple[str, str]] = {
+    "fa3": ("flash_attn_interface", "flash-attn 3 (module flash_attn_interface: build hopper/ of "
+                                    "github.com/Dao-AILab/flash-attention)"),
+    "flash": ("flash_attn", "flash-attn 2 (pip install flash-attn --no-build-isolation)"),
+    "sage": ("sageattention", "SageAttention (pip install sageattention)"),
+}
+# Lowest compute capability each GPU kernel runs on: FA3 is Hopper-only, SageAttention 2 and FA2 need Ampere.
+_MIN_CAPABILITY: dict[str, tuple[int, int]] = {"fa3": (9, 0), "flash": (8, 0), "sage": (8, 0)}
+_AUTO_ORDER = ("fa3", "flash")  # on a GPU, the first usable one; else sdpa
 
 
-def _load_flash_module() -> ModuleType | None:
-    if not _flash_module:
-        module = None
-        for name in ("flash_attn_interface", "flash_attn"):
-            try:
-                module = importlib.import_module(name)
-                break
-            except ImportError:
-                continue
-        _flash_module.append(module)
-    return _flash_module[0]
+def _optional_module(name: str) -> ModuleType | None:
+    if name not in _optional_modules:
+        try:
+            _optional_modules[name] = importlib.import_module(name)
+        except ImportError:
+            _optional_modules[name] = None
+    return _optional_modules[name]
+
+
+def _gpu() -> tuple[str, tuple[int, int]] | None:
+    """(name, compute capability) of the current CUDA device, or None without one."""
+    if not torch.cuda.is_available():
+        return None
+    index = torch.cuda.current_device()
+    return torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index))
+
+
+def _kernel_problem(backend: str) -> str | None:
+    """Why a GPU kernel backend cannot run here (package, device, card), or None when it can."""
+    module, install = _PACKAGES[backend]
+    if _optional_module(module) is None:
+        return f"needs {install}, which is not installed"
+    gpu = _gpu()
+    if gpu is None:
+        return "runs on NVIDIA GPUs only and no CUDA device is visible (use sdpa)"
+    name, capability = gpu
+    need = _MIN_CAPABILITY[backend]
+    if capability < need:
+        return (f"needs compute capability >= {need[0]}.{need[1]}"
+                f"{' (Hopper, e.g. H100)' if backend == 'fa3' else ''}; {name} has "
+                f"{capability[0]}.{capability[1]} (use {'flash or ' if backend == 'fa3' else ''}sdpa)")
+    return None
 
 
 def _first(out: torch.Tensor | tuple) -> torch.Tensor:
-    # Some FA3 builds return (out, softmax_lse).
+    # FA3 (and FA2 with return_attn_probs) may return (out, softmax_lse).
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -72,21 +109,56 @@ def cu_seqlens_from_key_mask(key_mask: torch.Tensor) -> torch.Tensor:
     return cu
 
 
-def _flash_attention(q, k, v, key_mask):
-    module = _load_flash_module()
-    if module is None:
-        raise ValueError("attention backend 'flash' needs flash-attn, which is not installed")
+def _varlen_or_dense(dense, varlen, q, k, v, key_mask):
+    """Run a flash-style kernel: dense without a mask, varlen over [valid | padding] with a key mask.
+
+    dense(q, k, v) on (B, L, H, D); varlen(q, k, v, cu_q, cu_k, max_q, max_k) on (B*L, H, D).
+    """
     if key_mask is not None and key_mask.shape[-2] != 1:
         # Parity: the original refiner always used SDPA with its (L, L) mask, which varlen cannot express.
         return _sdpa_attention(q, k, v, key_mask)
     if key_mask is None:
-        return _first(module.flash_attn_func(q, k, v))
+        return _first(dense(q, k, v))
     batch, length = q.shape[:2]
     cu = cu_seqlens_from_key_mask(key_mask.to(q.device))
-    out = module.flash_attn_varlen_func(
-        q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, length, length
-    )
+    out = varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, length, length)
     return _first(out).unflatten(0, (batch, length))
+
+
+def _flash_kernel(backend: str):
+    def run(q, k, v, key_mask):
+        module = _optional_module(_PACKAGES[backend][0])
+        if module is None:
+            raise ValueError(f"attention backend {backend!r} {_kernel_problem(backend)}")
+        return _varlen_or_dense(module.flash_attn_func, module.flash_attn_varlen_func, q, k, v, key_mask)
+
+    run.__name__ = f"_{backend}_attention"
+    return run
+
+
+_flash_attention = _flash_kernel("flash")
+_fa3_attention = _flash_kernel("fa3")
+
+
+def _sage_attention(q, k, v, key_mask):
+    """SageAttention (8-bit QK^T, fp16 PV): its dense NHD entry, or its varlen entry under a key mask.
+
+    Its kernels take fp16/bf16 only: float32 inputs run in bf16 and the result is cast back.
+    """
+    module = _optional_module(_PACKAGES["sage"][0])
+    if module is None:
+        raise ValueError(f"attention backend 'sage' {_kernel_problem('sage')}")
+    dtype = q.dtype
+    if dtype == torch.float32:
+        q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+
+    def dense(q, k, v):
+        return module.sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+        return module.sageattn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False)
+
+    return _varlen_or_dense(dense, varlen, q, k, v, key_mask).to(dtype)
 
 
 def _sdpa_attention(q, k, v, key_mask):
@@ -108,17 +180,18 @@ def _vanilla_attention(q, k, v, key_mask):
     return out.transpose(1, 2).to(v.dtype)
 
 
-def _flash_available() -> bool:
-    return torch.cuda.is_available() and _load_flash_module() is not None
-
-
 _BACKENDS: dict[str, AttentionFn] = {
+    "fa3": _fa3_attention,
     "flash": _flash_attention,
+    "sage": _sage_attention,
     "sdpa": _sdpa_attention,
     "vanilla": _vanilla_attention,
 }
+_BUILTIN_KERNELS = {name: _BACKENDS[name] for name in _PACKAGES}
 _AVAILABLE: dict[str, Callable[[], bool]] = {
-    "flash": _flash_available,
+    "fa3": lambda: _kernel_problem("fa3") is None,
+    "flash": lambda: _kernel_problem("flash") is None,
+    "sage": lambda: _kernel_problem("sage") is None,
     "sdpa": lambda: True,
     "vanilla": lambda: True,
 }
@@ -139,22 +212,36 @@ def available_attention_backends() -> list[str]:
     return [name for name in _BACKENDS if _AVAILABLE[name]()]
 
 
-def resolve_attention_backend(name: str = "auto") -> str:
-    """Turn a requested backend into a usable one: "auto" -> "flash" if flash-attn and CUDA, else "sdpa".
+def attention_backend_problem(name: str) -> str | None:
+    """Why backend `name` cannot be used here, as a phrase ("needs ..., which is not installed"); None if it can.
 
-    Raises:
-        ValueError naming the available backends when `name` is unknown or unusable here.
+    "auto" always can (it falls back to sdpa).
     """
     if name == "auto":
-        chosen = "flash" if _AVAILABLE["flash"]() else "sdpa"
+        return None
+    if name not in _BACKENDS:
+        return f"is unknown; available: {available_attention_backends()}"
+    if name in _PACKAGES and _BACKENDS[name] is _BUILTIN_KERNELS.get(name):
+        return _kernel_problem(name)
+    return None if _AVAILABLE[name]() else f"is not available here; available: {available_attention_backends()}"
+
+
+def resolve_attention_backend(name: str = "auto") -> str:
+    """Turn a requested backend into a usable one: "auto" -> fa3, else flash, on a GPU that runs them; else sdpa.
+
+    Raises:
+        ValueError saying what to install or which card is needed, and naming the available backends, when
+        `name` is unknown or unusable here.
+    """
+    if name == "auto":
+        chosen = next((b for b in _AUTO_ORDER if _AVAILABLE[b]()), "sdpa")
         logger.info("attention backend: %s (auto)", chosen)
         return chosen
-    if name not in _BACKENDS or not _AVAILABLE[name]():
-        reason = "unknown" if name not in _BACKENDS else "not available here"
-        raise ValueError(
-            f"attention backend {name!r} is {reason}; available: {available_attention_backends()} "
-            "(flash needs flash-attn and a CUDA device)"
-        )
+    problem = attention_backend_problem(name)
+    if problem is not None:
+        if "available:" not in problem:
+            problem += f"; available: {available_attention_backends()}"
+        raise ValueError(f"attention backend {name!r} {problem}")
     logger.info("attention backend: %s", name)
     return name
 

@@ -19,9 +19,13 @@ Differences from the original (which patched `forward` of each nn.Linear with a 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import mmap
 import os
 import pickle
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -48,6 +52,7 @@ FP8_BLOCK_WORDS: tuple[str, ...] = ("double_blocks", "single_blocks")
 _SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
 _MAP_SUFFIX = "_map.pt"
+_MADV_PAGEOUT = 21  # linux/mman.h, Linux >= 5.4 (older kernels answer EINVAL: then nothing happens)
 
 
 def _examples(items: list[str], limit: int = 5) -> str:
@@ -279,8 +284,28 @@ def _fp8_from_linear(
 # --------------------------------------------------------------------------------------------------
 
 
+def _page_out(tensor: torch.Tensor) -> None:
+    """Ask the kernel to reclaim a CPU tensor's whole pages now (Linux MADV_PAGEOUT; best effort).
+
+    For a memory-mapped checkpoint this drops the file pages just read, so quantising at load never holds
+    the bf16 model and its fp8 copy together. Safe on any memory: clean file pages are re-read on access,
+    anonymous pages go to swap or stay (never zeroed, unlike MADV_DONTNEED). No-op off Linux.
+    """
+    if sys.platform != "linux" or tensor.device.type != "cpu":
+        return
+    start, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:  # whole pages only: a page shared with a neighbouring tensor stays
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def quantize_state_dict(
-    state_dict: Mapping[str, torch.Tensor], *, names: list[str] | None = None
+    state_dict: Mapping[str, torch.Tensor], *, names: list[str] | None = None, page_out: bool = False
 ) -> tuple[StateDict, dict[str, torch.Tensor]]:
     """Quantise the block-linear weights of a (bf16/fp32) DiT state dict to the official fp8 format.
 
@@ -290,6 +315,8 @@ def quantize_state_dict(
     Args:
         state_dict: official-key DiT state dict.
         names: module names to quantise (default `fp8_weight_names(state_dict)`, the 320 at full size).
+        page_out: after each layer, let the kernel reclaim the source weight's pages (`_page_out`): for a
+            memory-mapped source, peak memory is then the fp8 output plus one layer, not plus the input.
     Returns:
         (fp8_state_dict, scale_map): the state dict with `<name>.weight` as float8_e4m3fn W/scale, and
         {name: 0-d float32 scale}. The scales are stored as float32: exact for max|W| / 448, and the loader
@@ -314,6 +341,8 @@ def quantize_state_dict(
         scale = fp8_scale_for(weight)
         out[key] = quantize_weight(weight, scale)
         scale_map[name] = scale
+        if page_out:
+            _page_out(weight)
     return out, scale_map
 
 
@@ -409,6 +438,28 @@ def load_fp8_checkpoint(
     return state_dict, scale_map
 
 
+def read_or_quantize_fp8(
+    weights_path: str | os.PathLike, map_path: str | os.PathLike | None, load_key: str, layer_names: list[str]
+) -> tuple[StateDict, dict[str, torch.Tensor]]:
+    """The fp8 pair as `load_fp8_checkpoint` reads it, or, for high-precision weights without a scale map,
+    the same format quantised now with the conversion script's rule (`quantize_state_dict`).
+
+    Quantising streams: the source is memory-mapped and converted one layer at a time, each layer's source
+    pages handed back to the kernel, so the bf16 model and its fp8 copy never sit in memory together.
+    """
+    path = Path(weights_path)
+    has_map = path.is_file() and path.name.endswith(".pt") and fp8_map_path(path).is_file()
+    if map_path is None and not has_map and path.exists():
+        state_dict = load_dit_state_dict(path, load_key)
+        weights = [state_dict.get(f"{name}.weight") for name in layer_names]
+        if all(w is not None and w.dtype.is_floating_point and w.dtype not in _FP8_DTYPES for w in weights):
+            logger.info("--use-fp8 with %s weights and no scale map: quantising %d layers to fp8 at load "
+                        "(scripts/convert_to_fp8.py writes the same pair to disk once)", weights[0].dtype,
+                        len(layer_names))
+            return quantize_state_dict(state_dict, names=layer_names, page_out=True)
+    return load_fp8_checkpoint(path, map_path, load_key=load_key, layer_names=layer_names)
+
+
 def load_fp8_dit(
     config: DiTConfig,
     weights_path: str | os.PathLike,
@@ -420,6 +471,9 @@ def load_fp8_dit(
     attention_backend: str = "auto",
 ) -> HYVideoDiffusionTransformer:
     """Build the DiT on the meta device, convert its block linears to FP8Linear, assign the fp8 checkpoint.
+
+    `weights_path` may also be a bf16 / fp32 checkpoint without a scale map: it is quantised at load, layer
+    by layer, with the same rule as scripts/convert_to_fp8.py (see `read_or_quantize_fp8`).
 
     The model never exists twice: fp8 weights are assigned as they are (memory-mapped on the CPU, or copied
     once to `device`), the other tensors are cast to `dtype` (FinalLayer.linear stays float32).
@@ -435,9 +489,7 @@ def load_fp8_dit(
     """
     backend = attention_backend
     model = HYVideoDiffusionTransformer(config, dtype=dtype, device="meta", attention_backend=backend)
-    state_dict, scale_map = load_fp8_checkpoint(
-        weights_path, map_path, load_key=load_key, layer_names=fp8_layer_names(model)
-    )
+    state_dict, scale_map = read_or_quantize_fp8(weights_path, map_path, load_key, fp8_layer_names(model))
     target = device if device is not None else "cpu"
     convert_fp8_linear(model, scale_map, compute_dtype=dtype or torch.float32, device=target)
     load_dit_weights(model, state_dict, device=target)

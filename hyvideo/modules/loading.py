@@ -136,6 +136,19 @@ def _block_index(match: re.Match[str]) -> str:
     return match.groupdict().get("n") or ""
 
 
+def diffusers_names_of(official_module: str) -> tuple[str, tuple[str, ...]] | None:
+    """(split kind, diffusers module names) of an official module name, or None when it has no rule.
+
+    The kind is "copy", "qkv" (3 equal row chunks), "linear1" (rows [H, H, H, rest]) or "swap" (the two row
+    halves swapped); the names are in row order. Used to map LoRAs saved with diffusers names.
+    """
+    for regex, rule in _OFFICIAL_RES:
+        match = regex.match(official_module)
+        if match is not None:
+            return rule.kind, tuple(n.replace("{n}", _block_index(match)) for n in rule.diffusers)
+    return None
+
+
 def convert_official_to_diffusers(
     state_dict: Mapping[str, torch.Tensor], hidden_size: int | None = None
 ) -> StateDict:

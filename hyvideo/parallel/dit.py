@@ -35,6 +35,9 @@ class SequenceParallelAttention:
     num_img_tokens: int
     img_valid_len: int
 
+    # Collectives stay out of torch.compile graphs (hyvideo/modules/compile.py): a compiled block runs this
+    # call eagerly, between its two graphs. No effect without compile.
+    @torch.compiler.disable
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
     ) -> torch.Tensor:

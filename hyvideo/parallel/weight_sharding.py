@@ -138,7 +138,7 @@ def load_sharded_dit(
     Returns:
         The sharded DiT in eval mode, numerically the same model as the unsharded load.
     """
-    from hyvideo.modules.fp8_optimization import convert_fp8_linear, fp8_layer_names, load_fp8_checkpoint
+    from hyvideo.modules.fp8_optimization import convert_fp8_linear, fp8_layer_names, read_or_quantize_fp8
     from hyvideo.modules.loading import check_dit_state_dict, load_dit_state_dict
     from hyvideo.modules.models import HYVideoDiffusionTransformer
 
@@ -146,8 +146,8 @@ def load_sharded_dit(
     model = HYVideoDiffusionTransformer(config, dtype=dtype, device="meta",
                                         attention_backend=attention_backend)
     if use_fp8:
-        names = fp8_layer_names(model)
-        state_dict, scale_map = load_fp8_checkpoint(path, load_key=load_key, layer_names=names)
+        # An fp8 file pair is read shard by shard; a bf16 file is quantised at load on every rank first.
+        state_dict, scale_map = read_or_quantize_fp8(path, None, load_key, fp8_layer_names(model))
         convert_fp8_linear(model, scale_map, compute_dtype=dtype or torch.float32, device=device)
     else:
         state_dict = load_dit_state_dict(path, load_key)
