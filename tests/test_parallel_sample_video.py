@@ -167,9 +167,13 @@ def test_ulysses_degree_not_dividing_heads_fails_before_any_collective(tmp_path,
         (TORCHRUN_4, ["--cfg-parallel"], "but --cfg-scale 1 runs only one: add --cfg-scale > 1"),
         ({}, ["--shard-weights"], "one process has nothing to share it with"),
         (TORCHRUN_4, ["--shard-weights", "--use-cpu-offload"], "use --offload-mode model"),
+        (TORCHRUN_4, ["--shard-weights", "--compile"], "--shard-weights has not been tested with --compile"),
+        (TORCHRUN_4, ["--cfg-parallel", "--cfg-scale", "2", "--cache", "teacache"],
+         "halves would skip different steps: use --cache magcache"),
     ],
     ids=["no-torchrun", "product-too-small", "explicit-1-still-checked", "cfg-product", "cfg-odd-world",
-         "cfg-one-process", "cfg-without-cfg-scale", "shard-one-process", "shard-with-block-offload"],
+         "cfg-one-process", "cfg-without-cfg-scale", "shard-one-process", "shard-with-block-offload", "shard-with-compile",
+         "cfg-with-value-decided-cache"],
 )
 def test_layout_checked_against_world_size(monkeypatch, capsys, env, argv, needle):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
