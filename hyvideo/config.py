@@ -160,7 +160,7 @@ class RuntimeConfig:
     world_size: int = 1
     local_rank: int = 0
     cfg_parallel: bool = False  # --cfg-parallel: the two guidance branches on two halves of the processes
-    shard_weights: bool = False  # --shard-weights: FSDP2-shard the DiT blocks over the sequence group
+    shard_weights: bool = False  # --shard-weights: FSDP2-shard the DiT over all processes
     local_world_size: int = 1  # processes on this node (torchrun's LOCAL_WORLD_SIZE)
 
     @property
@@ -443,7 +443,7 @@ def _add_multigpu_args(parser: argparse.ArgumentParser) -> None:
                        help="With --cfg-scale > 1: half of the processes denoise the negative prompt, half "
                             "the positive; velocities are combined after each step (2 x U x R processes).")
     group.add_argument("--shard-weights", action="store_true",
-                       help="Shard the DiT's weights over the sequence-parallel processes (PyTorch FSDP2): "
+                       help="Shard the DiT's weights over all processes (PyTorch FSDP2): "
                             "each GPU holds ~1/N of them and gathers a block just before it runs.")
 
 
