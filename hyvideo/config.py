@@ -19,7 +19,6 @@ from hyvideo.constants import (
     HUNYUAN_VIDEO_CONFIG,
     PRECISIONS,
     PROMPT_TEMPLATE,
-    TEXT_ENCODERS,
     VAE_LATENT_CHANNELS,
     VAE_TYPES,
     DiTConfig,
@@ -40,6 +39,9 @@ from hyvideo.prompt_rewrite import API_KEY_ENV_VARS, REWRITE_MODES, RewriteConfi
 logger = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = ("auto", "fa3", "flash", "sage", "sdpa", "vanilla")
+# Differs: the original lists both encoders for every encoder flag; only these combinations work.
+PRIMARY_ENCODERS = ("llm",)
+SECONDARY_ENCODERS = ("clipL",)
 # Flags the original parses but never reads. We accept them so old commands keep working.
 NO_EFFECT_FLAGS = (
     "model_resolution",
@@ -55,6 +57,26 @@ DIT_FP8_FILE = "mp_rank_00_model_states_fp8.pt"
 # VAE decode tiles overlap by 25 % of whole latents: 4 x the 884 VAE's 8x spatial / 4x temporal compression.
 VAE_TILE_SIZE_MULTIPLE = 32
 VAE_TILE_FRAMES_MULTIPLE = 16
+
+# Upper bounds that stop typos (an extra 0) long before they turn into hours of work or a killed process.
+# They are generous: the released model was trained up to 720x1280 and 129 frames.
+# 4096 px a side: 3.2x the largest trained side; a 4096x4096 image is ~65k tokens, about the 119k of the
+# largest trained video. 1025 frames: 8x the trained 129 (257 latent frames); RoPE extends but quality does
+# not. 1000 steps: the flow schedule has 1000 training timesteps, more steps only repeat them.
+# 64 videos per prompt (--num-videos x --batch-size): a whole grid of seeds in one run.
+MAX_VIDEO_SIDE = 4096
+MAX_VIDEO_LENGTH = 1025
+MAX_INFER_STEPS = 1000
+MAX_VIDEOS_PER_PROMPT = 64
+# Seeds: torch.Generator takes a 64-bit value; under torchrun rank 0's seed travels as an int64, so every
+# seed of a run (--seed ... --seed + videos - 1) must lie in [0, 2**63).
+SEED_LIMIT = 2**63
+EXAMPLES = """examples:
+  python sample_video.py --prompt "A cat walks on the grass, realistic style." --video-size 544 960 \\
+      --video-length 129 --seed 42 --model-base ckpts
+  python sample_video.py --prompt-file prompts.txt --video-size 720 1280 --use-cpu-offload --use-fp8 \\
+      --save-path ./results
+"""
 
 # --------------------------------------------------------------------------------------------------
 # Typed configuration
@@ -165,6 +187,7 @@ class RuntimeConfig:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    memory_check: bool = True  # refuse runs estimated not to fit the device (off: --no-memory-check)
 
     @property
     def sequence_parallel_degree(self) -> int:
@@ -285,7 +308,7 @@ def _add_extra_models_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=True,
                        help="Decode the video in overlapping tiles (default on; --no-vae-tiling needs far "
                             "more memory).")
-    group.add_argument("--text-encoder", type=str, default="llm", choices=TEXT_ENCODERS,
+    group.add_argument("--text-encoder", type=str, default="llm", choices=PRIMARY_ENCODERS,
                        help="Primary text encoder (only llm is supported).")
     group.add_argument("--text-encoder-precision", type=str, default="fp16", choices=PRECISIONS,
                        help="Primary text encoder dtype.")
@@ -293,7 +316,7 @@ def _add_extra_models_args(parser: argparse.ArgumentParser) -> None:
                        help="Hidden size of the primary text encoder (DiT txt_in input).")
     group.add_argument("--text-len", type=int, default=256,
                        help="LLM tokens kept after the prompt-template crop.")
-    group.add_argument("--tokenizer", type=str, default="llm", choices=TEXT_ENCODERS,
+    group.add_argument("--tokenizer", type=str, default="llm", choices=PRIMARY_ENCODERS,
                        help="Tokenizer of the primary text encoder.")
     group.add_argument("--prompt-template", type=str, default="dit-llm-encode",
                        choices=list(PROMPT_TEMPLATE), help="Template for 1-frame (image) output.")
@@ -303,13 +326,13 @@ def _add_extra_models_args(parser: argparse.ArgumentParser) -> None:
                        help="Use the LLM hidden state this many layers before the last.")
     group.add_argument("--apply-final-norm", action="store_true",
                        help="Apply the LLM's final norm to the selected hidden state.")
-    group.add_argument("--text-encoder-2", type=str, default="clipL", choices=TEXT_ENCODERS,
+    group.add_argument("--text-encoder-2", type=str, default="clipL", choices=SECONDARY_ENCODERS,
                        help="Secondary (pooled) text encoder (only clipL is supported).")
     group.add_argument("--text-encoder-precision-2", type=str, default="fp16", choices=PRECISIONS,
                        help="Secondary text encoder dtype.")
     group.add_argument("--text-states-dim-2", type=int, default=768,
                        help="Pooled size of the secondary text encoder (DiT vector_in input).")
-    group.add_argument("--tokenizer-2", type=str, default="clipL", choices=TEXT_ENCODERS,
+    group.add_argument("--tokenizer-2", type=str, default="clipL", choices=SECONDARY_ENCODERS,
                        help="Tokenizer of the secondary text encoder.")
     group.add_argument("--text-len-2", type=int, default=77, help="CLIP max tokens.")
 
@@ -592,8 +615,19 @@ def memory_args_errors(args: argparse.Namespace) -> list[str]:
     return errors + vae_tile_errors(args)
 
 
+def _add_reliability_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Safety checks")
+    group.add_argument("--no-memory-check", action="store_true",
+                       help="Start even when the estimated peak memory exceeds what the device has free.")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default and keeps the examples' line breaks."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineErrorParser(description="HunyuanVideo inference script")
+    parser = _OneLineErrorParser(description="HunyuanVideo inference script", epilog=EXAMPLES,
+                                 formatter_class=_HelpFormatter)
     _add_network_args(parser)
     _add_extra_models_args(parser)
     _add_denoise_schedule_args(parser)
@@ -604,6 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lora_args(parser)
     _add_speed_args(parser)
     _add_memory_args(parser)
+    _add_reliability_args(parser)
     return parser
 
 
@@ -633,7 +668,7 @@ def validation_errors(args: argparse.Namespace) -> list[str]:
     for name in positive:
         if getattr(args, name) < 1:
             errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.flow_shift <= 0:
+    if math.isfinite(args.flow_shift) and args.flow_shift <= 0:
         errors.append(f"--flow-shift must be > 0, got {args.flow_shift}")
     if args.hidden_state_skip_layer < 0:
         errors.append(f"--hidden-state-skip-layer must be >= 0, got {args.hidden_state_skip_layer}")
@@ -642,10 +677,6 @@ def validation_errors(args: argparse.Namespace) -> list[str]:
     if args.latent_channels != VAE_LATENT_CHANNELS[args.vae]:
         errors.append(f"--latent-channels {args.latent_channels} must match the VAE's "
                       f"{VAE_LATENT_CHANNELS[args.vae]} channels of --vae {args.vae}")
-    if args.text_encoder != "llm" or args.tokenizer != "llm":
-        errors.append("--text-encoder/--tokenizer: only 'llm' is supported as the primary encoder")
-    if args.text_encoder_2 != "clipL" or args.tokenizer_2 != "clipL":
-        errors.append("--text-encoder-2/--tokenizer-2: only 'clipL' is supported as the secondary encoder")
     if args.prompt is not None and args.prompt_file is not None:
         errors.append("--prompt and --prompt-file are mutually exclusive: give one")
     if args.prompt is not None and not args.prompt.strip():
@@ -661,6 +692,7 @@ def validation_errors(args: argparse.Namespace) -> list[str]:
     if problem:
         errors.append(f"--attn-backend {args.attn_backend}: {problem}")
     errors += memory_args_errors(args)
+    errors += reliability_errors(args)
     try:
         errors += parallel_layout_errors(args.ulysses_degree, args.ring_degree, launch_env())
     except ValueError as exc:
@@ -705,6 +737,35 @@ def cache_config_from_args(args: argparse.Namespace) -> CacheConfig:
     return _cache_settings(args, ratios)
 
 
+def reliability_errors(args: argparse.Namespace) -> list[str]:
+    """Values no run can use: non-finite numbers, sizes and counts beyond the bounds, seeds out of range."""
+    errors = []
+    for name in ("cfg_scale", "embedded_cfg_scale", "flow_shift"):
+        value = getattr(args, name)
+        if not math.isfinite(value):
+            errors.append(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if len(args.video_size) in (1, 2) and max(args.video_size) > MAX_VIDEO_SIDE:
+        errors.append(f"--video-size must be at most {MAX_VIDEO_SIDE} pixels a side (the model was trained "
+                      f"up to 720x1280), got {' '.join(map(str, args.video_size))}")
+    if args.video_length > MAX_VIDEO_LENGTH:
+        errors.append(f"--video-length must be at most {MAX_VIDEO_LENGTH} frames (trained: 129), "
+                      f"got {args.video_length}")
+    if args.infer_steps > MAX_INFER_STEPS:
+        errors.append(f"--infer-steps must be at most {MAX_INFER_STEPS} (the schedule has 1000 timesteps), "
+                      f"got {args.infer_steps}")
+    videos = args.num_videos * args.batch_size
+    if videos > MAX_VIDEOS_PER_PROMPT:
+        errors.append(f"--num-videos x --batch-size must be at most {MAX_VIDEOS_PER_PROMPT} videos per "
+                      f"prompt, got {args.num_videos} x {args.batch_size}; run several commands instead")
+    if args.seed is not None and not 0 <= args.seed <= SEED_LIMIT - max(videos, 1):
+        errors.append(f"--seed must be in [0, 2**63 - {max(videos, 1)}] so that the seeds of all "
+                      f"{max(videos, 1)} video(s) (seed, seed+1, ...) fit 63 bits, got {args.seed}; omit "
+                      "--seed for a random one")
+    if not args.save_path.strip():
+        errors.append("--save-path is empty: give an output directory (default ./results)")
+    return errors
+
+
 def video_hw(video_size: list[int] | tuple[int, ...]) -> tuple[int, int]:
     return (video_size[0], video_size[0]) if len(video_size) == 1 else (video_size[0], video_size[1])
 
@@ -712,9 +773,17 @@ def video_hw(video_size: list[int] | tuple[int, ...]) -> tuple[int, int]:
 def read_prompt_file(path: str) -> tuple[str, ...]:
     """One prompt per line; blank lines and lines starting with '#' are skipped."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ValueError(f"--prompt-file {path}: cannot read it ({exc.strerror})") from exc
+    try:
+        text = data.decode("utf-8-sig")  # a UTF-8 BOM (Windows Notepad) is fine
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:  # UTF-16 text decodes to NUL-ridden garbage or not at all
+        raise ValueError(f"--prompt-file {path}: not a UTF-8 text file (binary or UTF-16?); save it as UTF-8 "
+                         "with one prompt per line")
+    lines = text.splitlines()
     prompts = tuple(s.strip() for s in lines if s.strip() and not s.strip().startswith("#"))
     if not prompts:
         raise ValueError(f"--prompt-file {path}: no prompts in it (one prompt per line)")
@@ -764,6 +833,7 @@ def configs_from_args(args: argparse.Namespace) -> Configs:
         ring_degree=args.ring_degree, crf=args.crf, save_latents=args.save_latents,
         decode_latents=Path(args.decode_latents) if args.decode_latents else None,
         rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
+        memory_check=not args.no_memory_check,
     )
     return Configs(model=model, sampling=sampling, runtime=runtime, rewrite=rewrite_config_from_args(args),
                    cache=cache_config_from_args(args))
@@ -776,6 +846,9 @@ def announce_adjustments(args: argparse.Namespace) -> None:
         aligned = (-(-height // 16) * 16, -(-width // 16) * 16)
         logger.warning("--video-size %dx%d is not a multiple of 16; it will be rounded up to %dx%d",
                        height, width, *aligned)
+    if args.neg_prompt is not None and not args.cfg_scale > 1.0:
+        logger.warning("--neg-prompt has no effect without --cfg-scale > 1 (got %g): the negative branch "
+                       "only runs with classifier-free guidance", args.cfg_scale)
     defaults = build_parser().parse_args([])
     for name in NO_EFFECT_FLAGS:
         if getattr(args, name) != getattr(defaults, name):
@@ -797,6 +870,102 @@ def parse_args(argv: list[str] | None = None, *, require_prompt: bool = False) -
         announce_adjustments(args)
     try:
         return configs_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    raise AssertionError("unreachable")  # parser.error exits
+
+
+# --------------------------------------------------------------------------------------------------
+# Server (gradio_server.py): the sampling flags above are the defaults of every job
+# --------------------------------------------------------------------------------------------------
+
+SERVER_TOKEN_ENV = "HYVIDEO_SERVER_TOKEN"  # bearer token for /v1 and the page's login; never a flag
+DEFAULT_SERVER_NAME = "127.0.0.1"  # Differs: the original binds 0.0.0.0 (every interface, no auth)
+DEFAULT_SERVER_PORT = 8081
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one request may ask for; larger requests get a 4xx answer, never a job."""
+
+    max_steps: int = 100
+    max_side: int = 1280  # pixels, height and width each
+    max_frames: int = 129
+    max_videos: int = 4  # videos per job
+    max_queue: int = 32  # jobs queued or running at once
+    max_prompt_chars: int = 2000
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where the server listens, who may use it, and the limits of a job."""
+
+    host: str
+    port: int
+    token: str | None  # from $HYVIDEO_SERVER_TOKEN; None: no authentication
+    limits: ServerLimits
+    model_base_given: bool  # False: --model-base was left at its default (tiny-tree fallback allowed)
+
+
+def _add_server_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Server args (gradio_server.py)")
+    group.add_argument("--server-name", type=str, default=None,
+                       help=f"Interface to bind (default: $SERVER_NAME or {DEFAULT_SERVER_NAME}; 0.0.0.0 "
+                            f"exposes the server to the network: set ${SERVER_TOKEN_ENV} then).")
+    group.add_argument("--server-port", type=int, default=None,
+                       help=f"Port (default: $SERVER_PORT or {DEFAULT_SERVER_PORT}).")
+    limits = ServerLimits()
+    for name, help_text in (("max_steps", "denoising steps"), ("max_side", "pixels of height or width"),
+                            ("max_frames", "frames"), ("max_videos", "videos per job"),
+                            ("max_queue", "jobs queued or running at once"),
+                            ("max_prompt_chars", "characters of a prompt")):
+        group.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(limits, name),
+                           help=f"Largest number of {help_text} a request may ask for.")
+
+
+def build_server_parser() -> argparse.ArgumentParser:
+    """The CLI's flags (defaults of every job) plus the server's own."""
+    parser = build_parser()
+    parser.description = "HunyuanVideo web page and /v1/videos API"
+    # Parity: the original's page writes to ./gradio_outputs.
+    parser.set_defaults(save_path="./gradio_outputs")
+    _add_server_args(parser)
+    return parser
+
+
+def server_validation_errors(args: argparse.Namespace) -> list[str]:
+    errors = []
+    for name in ("max_steps", "max_side", "max_frames", "max_videos", "max_queue", "max_prompt_chars"):
+        if getattr(args, name) < 1:
+            errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.server_port is not None and not 0 < args.server_port < 65536:
+        errors.append(f"--server-port must be between 1 and 65535, got {args.server_port}")
+    return errors
+
+
+def parse_server_args(argv: list[str] | None = None) -> tuple[Configs, ServerConfig]:
+    """Parse gradio_server.py's command line; bad values exit with status 2 and a one-line message."""
+    parser = build_server_parser()
+    args = parser.parse_args(argv)
+    errors = validation_errors(args) + server_validation_errors(args)
+    port = args.server_port
+    if port is None:
+        raw = os.environ.get("SERVER_PORT", "").strip() or str(DEFAULT_SERVER_PORT)
+        port = int(raw) if raw.isdigit() else -1
+        if not 0 < port < 65536:
+            errors.append(f"environment variable SERVER_PORT={raw!r} is not a port number (1-65535)")
+    if errors:
+        parser.error("; ".join(errors))
+    limits = ServerLimits(max_steps=args.max_steps, max_side=args.max_side, max_frames=args.max_frames,
+                          max_videos=args.max_videos, max_queue=args.max_queue,
+                          max_prompt_chars=args.max_prompt_chars)
+    server = ServerConfig(
+        host=args.server_name or os.environ.get("SERVER_NAME", "").strip() or DEFAULT_SERVER_NAME,
+        port=port, token=os.environ.get(SERVER_TOKEN_ENV, "").strip() or None, limits=limits,
+        model_base_given=args.model_base != build_parser().get_default("model_base"),
+    )
+    try:
+        return configs_from_args(args), server
     except ValueError as exc:
         parser.error(str(exc))
     raise AssertionError("unreachable")  # parser.error exits

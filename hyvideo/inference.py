@@ -43,14 +43,43 @@ def require_path(path: Path, what: str) -> Path:
 
 
 def resolve_dit_config(preset: DiTConfig, weight_path: Path) -> DiTConfig:
-    """The --model preset, unless a `dit_config.json` beside the weights describes another architecture."""
+    """The architecture described beside the weights, else the --model preset.
+
+    Looked for, in order: our `dit_config.json`, then diffusers' own `config.json` (a
+    HunyuanVideoTransformer3DModel folder as `save_pretrained` writes it, or its `transformer/` subfolder).
+    The log says which was used, and when both exist but disagree, which one won.
+    """
+    from hyvideo.modules.loading import dit_config_from_diffusers, find_diffusers_dit_config
+
     folder = weight_path if weight_path.is_dir() else weight_path.parent
-    config_file = folder / DIT_CONFIG_FILE
-    if not config_file.is_file():
-        return preset
-    values = json.loads(config_file.read_text(encoding="utf-8"))
-    logger.info("DiT architecture from %s", config_file)
-    return DiTConfig.from_dict(values)
+    ours, theirs = folder / DIT_CONFIG_FILE, find_diffusers_dit_config(weight_path)
+    diffusers_config = None
+    if theirs is not None:
+        diffusers_config = dit_config_from_diffusers(_read_json(theirs), str(theirs))
+    if ours.is_file():
+        try:
+            config = DiTConfig.from_dict(_read_json(ours))
+        except TypeError as exc:  # a wrong value type inside the file
+            raise ValueError(f"{ours}: {exc}") from None
+        if diffusers_config is not None and diffusers_config != config:
+            logger.warning("%s and %s describe different DiT architectures; using %s", ours, theirs, ours)
+        logger.info("DiT architecture from %s", ours)
+        return config
+    if diffusers_config is not None:
+        logger.info("DiT architecture from diffusers' %s%s", theirs,
+                    "" if diffusers_config == preset else " (differs from the --model preset)")
+        return diffusers_config
+    return preset
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the DiT config {path}: {exc}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"the DiT config {path} is not a JSON object")
+    return values
 
 
 def draw_seed() -> int:
@@ -325,12 +354,15 @@ class HunyuanVideoSampler(Inference):
         enable_tiling: bool = True,
         show_progress: bool = True,
         cache=None,
+        callback=None,
     ) -> PredictOutput:
         """Generate `num_videos_per_prompt` videos for one prompt; video i uses seed `seed + i`.
 
         Under sequence parallelism call it on every rank with the same arguments: the seed is rank 0's,
         only rank 0 shows the progress bar, and every rank returns the same output. `cache`: step-cache
         settings (hyvideo.diffusion.cache.CacheConfig); None or policy "none" runs every block.
+        `callback(step_index, timestep, latents)` runs after every denoising step (progress, cancellation:
+        an exception raised there aborts the call before anything is decoded).
         """
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty: give a text prompt")
@@ -347,8 +379,8 @@ class HunyuanVideoSampler(Inference):
         # Parity: no negative prompt without CFG; the original's default negative prompt with CFG.
         negative = (negative_prompt or None) if guidance_scale > 1.0 else None
         self.pipeline.scheduler = FlowMatchDiscreteScheduler(shift=flow_shift, reverse=flow_reverse)
-        logger.info("Sampling %d video(s) of %dx%dx%d, %d steps, seeds %s", len(seeds), target_h, target_w,
-                    video_length, infer_steps, seeds)
+        logger.info("Sampling %d video(s) of %dx%dx%d (HxWxframes), %d steps, seeds %s", len(seeds), target_h,
+                    target_w, video_length, infer_steps, seeds)
         started = time.perf_counter()
         out = self.pipeline(
             prompt.strip(), height=target_h, width=target_w, video_length=video_length,
@@ -357,6 +389,7 @@ class HunyuanVideoSampler(Inference):
             generator=generators, data_type="video" if video_length > 1 else "image",
             output_type=output_type, enable_tiling=enable_tiling,
             show_progress=show_progress and self.is_main_process, cache=cache,
+            callback_on_step_end=callback,
         )
         elapsed = time.perf_counter() - started
         logger.info("Success, time: %.1f s", elapsed)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,10 +40,53 @@ logger = logging.getLogger(__name__)
 FPS = 24
 # Errors that come from what the user gave us (flags, files, paths): reported in one line, exit 2.
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError, ValueError)
+# Exit statuses after a signal: the shell's 128 + signal number (SIGINT 2 -> 130, SIGTERM 15 -> 143).
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+# Libraries whose INFO logs and loading progress bars only add noise to ours.
+QUIET_LOGGERS = ("transformers", "diffusers", "huggingface_hub", "urllib3", "httpx", "filelock", "PIL")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every cleanup path runs for it too."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+class OutputWriteError(ValueError):
+    """Writing a video's files failed (full disk, ffmpeg error); its partial files were removed."""
 
 
 def run_cli(configs: Configs) -> int:
-    """Run the sampler for the CLI; returns the process exit status."""
+    """Run the sampler for the CLI; returns the process exit status.
+
+    Ctrl-C and SIGTERM stop the run the same way: the ffmpeg writer is killed, partial files are removed,
+    one line is printed, and the status is 130 (SIGINT) or 143 (SIGTERM).
+    """
+    in_main_thread = _in_main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    try:
+        return _run_cli(configs)
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        if configs.runtime.local_rank == 0:
+            name = "SIGTERM" if terminated else "SIGINT (Ctrl-C)"
+            print(f"sample_video.py: interrupted by {name}; partial outputs were removed", file=sys.stderr,
+                  flush=True)
+        return EXIT_SIGTERM if terminated else EXIT_SIGINT
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _run_cli(configs: Configs) -> int:
     runtime = configs.runtime
     _setup_logging(runtime)
     if runtime.plan_memory is not None:
@@ -57,6 +102,9 @@ def run_cli(configs: Configs) -> int:
 
             check_parallel_layout(configs)
             loras = prepare_loras(configs.model)  # a LoRA that does not fit fails before any loading
+            from hyvideo.lowmem.memory_check import check_memory_fits
+
+            check_memory_fits(configs)  # before minutes of loading: refuse what cannot fit
     except USER_ERRORS as exc:
         return _report_user_error(exc, runtime, every_rank=False)
     # 2. The process group, then the work; a failure from here on ends this rank at once.
@@ -68,10 +116,7 @@ def _work(configs: Configs, save_dir: Path, loras: list | None = None) -> None:
     from hyvideo.parallel import destroy
 
     runtime = configs.runtime
-    if not runtime.is_main_process:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # loading bars: the main process shows them
+    _quiet_third_party()
     state = init_parallel(runtime)
     if runtime.decode_latents is not None:
         decode_saved_latents(configs, runtime.decode_latents, save_dir, parallel=state)
@@ -126,6 +171,34 @@ def _setup_logging(runtime: RuntimeConfig) -> None:
     tag = f"[rank {runtime.rank}] " if runtime.world_size > 1 else ""
     level = logging.INFO if runtime.is_main_process else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _quiet_third_party() -> None:
+    """Model-loading progress bars and INFO chatter of transformers / diffusers / the hub: off."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as hf_logging
+
+    for lib in (hf_logging, diffusers_logging):
+        lib.set_verbosity_warning()
+        lib.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:
+        return
+    disable_progress_bars()
+
+
+def printable(text: str) -> str:
+    """`text` for a log line: control and format characters (newlines, ESC, bidi overrides) escaped."""
+    import unicodedata
+
+    return "".join(
+        ch if ch == " " or unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Zl", "Zp")
+        else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
 
 
 def _report_user_error(exc: BaseException, runtime: RuntimeConfig, *, every_rank: bool) -> int:
@@ -150,6 +223,11 @@ def run_guarded(work: Callable[[], None], runtime: RuntimeConfig) -> int:
         work()
     except USER_ERRORS as exc:
         code = _report_user_error(exc, runtime, every_rank=True)
+    except OSError as exc:  # ENOSPC and the like outside the writers (they raise OutputWriteError)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        code = _report_user_error(OSError(f"{exc.strerror}: {exc.filename or 'writing'}"), runtime,
+                                  every_rank=True)
     except Exception:
         if runtime.world_size == 1:
             raise
@@ -176,12 +254,16 @@ def _sample(configs: Configs, save_dir: Path, state, loras: list) -> None:
         rewrites = rewrite_prompts_for_run(configs, state, sampler=sampler)
     for weights, scale in loras:  # every rank applies the same LoRAs
         sampler.add_lora(weights, scale)
+    # The sidecar records the architecture actually built (a dit_config.json / config.json beside the
+    # weights can differ from the --model preset).
+    configs = dataclasses.replace(configs, model=dataclasses.replace(configs.model,
+                                                                     dit=sampler.transformer.config))
     seed = agree_seed(sampling.seed, state)  # one seed for the whole run, the same on every rank
     calibrations = []
     for index, prompt in enumerate(sampling.prompts):
         rewrite = rewrites[index] if rewrites is not None else None
         prompt = rewrite.rewritten if rewrite is not None else prompt
-        logger.info("Prompt %d/%d: %s", index + 1, len(sampling.prompts), prompt)
+        logger.info("Prompt %d/%d: %s", index + 1, len(sampling.prompts), printable(prompt))
         out = sampler.predict(
             prompt, height=sampling.height, width=sampling.width, video_length=sampling.video_length,
             seed=seed, negative_prompt=sampling.neg_prompt, infer_steps=sampling.infer_steps,
@@ -277,12 +359,18 @@ def _share_from_main(payload, state):
 
 
 def save_outputs(
-    out, configs: Configs, save_dir: Path, *, rewrite: RewriteResult | None = None
+    out, configs: Configs, save_dir: Path, *, rewrite: RewriteResult | None = None,
+    extra_facts: dict | None = None,
 ) -> list[Path]:
     """One mp4 per video, each with a JSON sidecar (and latents with --save-latents).
 
+    `extra_facts` go into every sidecar too (e.g. the server's job id).
+
     With a prompt rewrite, `out.prompt` is the rewritten prompt (the one encoded); the file is named after
     the user's prompt and the sidecar records both under "prompt_rewrite".
+
+    A video's files are published together or not at all: if writing one fails or is interrupted, the
+    files of that video already written are removed (videos completed before it stay).
     """
     time_flag = make_time_flag()
     written = []
@@ -295,15 +383,34 @@ def save_outputs(
         stem = safe_filename(rewrite.original if rewrite else out.prompt, seed=seed, time_flag=time_flag)
         path = unique_path(save_dir, stem, ".mp4", sibling_suffixes=(".json", ".safetensors"))
         record = run_record(configs, prompt=out.prompt, negative_prompt=out.negative_prompt, seed=seed,
-                            size=out.size, timings=out.timings, **extra)
-        if configs.runtime.save_latents:
-            record["latents_file"] = path.with_suffix(".safetensors").name
-            save_latents(path.with_suffix(".safetensors"), out.latents[i : i + 1], record)
-        save_video(out.samples[i], path, fps=FPS, crf=configs.runtime.crf, metadata={"comment": out.prompt})
-        write_sidecar(path, record)
+                            size=out.size, timings=out.timings, **extra, **(extra_facts or {}))
+        with _all_or_nothing(path) as published:
+            if configs.runtime.save_latents:
+                record["latents_file"] = path.with_suffix(".safetensors").name
+                latents_path = path.with_suffix(".safetensors")
+                published.append(save_latents(latents_path, out.latents[i : i + 1], record))
+            published.append(save_video(out.samples[i], path, fps=FPS, crf=configs.runtime.crf,
+                                        metadata={"comment": out.prompt}))
+            published.append(write_sidecar(path, record))
         logger.info("Sample saved to: %s", path)
         written.append(path)
     return written
+
+
+@contextlib.contextmanager
+def _all_or_nothing(path: Path):
+    """Collect the files of one output; remove them all if the block fails (OutputWriteError) or stops."""
+    published: list[Path] = []
+    try:
+        yield published
+    except BaseException as exc:
+        for done in published:
+            done.unlink(missing_ok=True)
+        if isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "ffmpeg" in str(exc)):
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            raise OutputWriteError(f"could not write {path}: {reason}; its partial files were removed "
+                                   "(free some space or choose another --save-path)") from exc
+        raise
 
 
 def run_record(configs: Configs, **facts) -> dict:
@@ -347,8 +454,9 @@ def decode_saved_latents(
     if multi and not parallel.is_main:
         return None
     path = unique_path(save_dir, f"{latents_path.stem}_decoded", ".mp4", sibling_suffixes=(".json",))
-    save_video(video[0], path, fps=FPS, crf=configs.runtime.crf)
-    write_sidecar(path, {**record, "decoded_from": str(latents_path),
-                         "decode_settings": settings_record(configs)})
+    with _all_or_nothing(path) as published:
+        published.append(save_video(video[0], path, fps=FPS, crf=configs.runtime.crf))
+        published.append(write_sidecar(path, {**record, "decoded_from": str(latents_path),
+                                               "decode_settings": settings_record(configs)}))
     logger.info("Decoded video saved to: %s", path)
     return path

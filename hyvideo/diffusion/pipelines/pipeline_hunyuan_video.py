@@ -96,6 +96,20 @@ def decode_latents(vae, latents: torch.Tensor, *, vae_dtype: torch.dtype, use_au
     return (video / 2 + 0.5).clamp(0, 1).cpu().float()
 
 
+class NonFiniteLatentsError(ValueError):
+    """The latents hold NaN or inf: the output would be a black or garbage video."""
+
+
+def check_finite_latents(latents: torch.Tensor, *, step: int, steps: int) -> None:
+    """Raise NonFiniteLatentsError unless every latent value is finite (after denoising step `step`)."""
+    if not bool(torch.isfinite(latents).all()):
+        raise NonFiniteLatentsError(
+            f"the latents are not finite (NaN or inf) after denoising step {step} of {steps}: the DiT "
+            "weights are damaged or overflow in this precision (check --dit-weight, try --precision bf16 or "
+            "fp32)"
+        )
+
+
 def latent_frames(video_length: int, time_compression: int = 4) -> int:
     return (video_length - 1) // time_compression + 1
 
@@ -211,6 +225,8 @@ class HunyuanVideoPipeline(DiffusionPipeline):
                                           embedded_guidance_scale=embedded_guidance_scale,
                                           step_cache=step_cache)
                 latents = self.scheduler.step(v, t, latents)  # fp32 from here on
+                if i in (0, len(timesteps) - 1):  # two syncs per video: cheap, and catches NaN weights
+                    check_finite_latents(latents, step=i + 1, steps=len(timesteps))
                 if callback is not None:
                     callback(i, t, latents)
                 progress.update()
