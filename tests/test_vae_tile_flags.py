@@ -132,3 +132,18 @@ def test_tile_flags_are_recorded_in_the_sidecar(tiny_tree, tmp_path, capsys):
     assert iio.imread(video).shape == (33, 64, 64, 3)
     settings = json.loads(video.with_suffix(".json").read_text(encoding="utf-8"))["settings"]
     assert (settings["model"]["vae_tile_size"], settings["model"]["vae_tile_frames"]) == (32, 32)
+
+
+def test_memory_check_plans_the_given_tiles(tiny_tree, monkeypatch):
+    import hyvideo.lowmem.memory_check as memory_check
+    from hyvideo.config import parse_args
+
+    monkeypatch.setattr(memory_check, "describes_released_models", lambda *folders: True)
+    base = ["--prompt", "x", "--model-base", str(tiny_tree), "--video-size", "256", "256", "--video-length",
+            "65", "--use-fp8", "--use-cpu-offload"]
+    # "meta" stands in for an 8 GiB accelerator; the default 256 px / 64 frame tiles need ~10 GiB to decode.
+    default = memory_check.memory_verdict(parse_args(base), device=torch.device("meta"), available_bytes=8 << 30)
+    smaller = memory_check.memory_verdict(parse_args([*base, "--vae-tile-size", "128"]),
+                                          device=torch.device("meta"), available_bytes=8 << 30)
+    assert not default.fits and default.stage == "decode" and smaller.fits
+    assert smaller.needed_gib < default.needed_gib - 2
