@@ -265,7 +265,9 @@ def test_memory_verdict_uses_the_dit_being_loaded(tiny_tree, tmp_path, monkeypat
     tiny_verdict = memory_verdict_for(tiny, cpu, plenty)
     full_verdict = memory_verdict_for(full, cpu, plenty)
     assert tiny_verdict.biggest_term == "text encoder weights"  # the tiny DiT's activations are small
-    assert full_verdict.biggest_term == "DiT activations"
+    # With token-chunked blocks (hyvideo/lowmem/chunking.py) the 13B DiT's activations at 720p (~3.6 GiB) are
+    # below its 24 GiB of bf16 weights.
+    assert full_verdict.biggest_term == "DiT weights"
     assert full_verdict.needed_gib > tiny_verdict.needed_gib
     nowhere = str(tmp_path / "no")
     missing = parse_args(["--prompt", "x", "--model-base", str(tiny_tree), "--dit-weight", nowhere])
