@@ -9,6 +9,7 @@ and marked `# Differs:` below.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -178,8 +179,9 @@ class RuntimeConfig:
     disable_autocast: bool
     offload_mode: str  # "none", "model", "block" or "sequential" (see hyvideo/lowmem/offload.py)
     plan_memory: float | None  # --plan-memory: print the memory plan (for a card of this many GiB) and exit
-    ulysses_degree: int
-    ring_degree: int
+    # None (both): chosen from the world size at launch (hyvideo/parallel/layout.py)
+    ulysses_degree: int | None
+    ring_degree: int | None
     crf: int
     save_latents: bool
     decode_latents: Path | None
@@ -188,10 +190,20 @@ class RuntimeConfig:
     world_size: int = 1
     local_rank: int = 0
     memory_check: bool = True  # refuse runs estimated not to fit the device (off: --no-memory-check)
+    cfg_parallel: bool = False  # --cfg-parallel: the two guidance branches on two halves of the processes
+    shard_weights: bool = False  # --shard-weights: FSDP2-shard the DiT over all processes
+    local_world_size: int = 1  # processes on this node (torchrun's LOCAL_WORLD_SIZE)
+
+    @property
+    def auto_layout(self) -> bool:
+        """No degree was given: the layout is chosen from the world size and the DiT's head count."""
+        return self.ulysses_degree is None and self.ring_degree is None
 
     @property
     def sequence_parallel_degree(self) -> int:
-        return self.ulysses_degree * self.ring_degree
+        if self.auto_layout:
+            return self.world_size // (2 if self.cfg_parallel else 1)
+        return (self.ulysses_degree or 1) * (self.ring_degree or 1)
 
     @property
     def is_main_process(self) -> bool:
@@ -220,6 +232,7 @@ class LaunchEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
 
     @property
     def under_launcher(self) -> bool:
@@ -243,23 +256,42 @@ def _env_int(name: str, default: int) -> int:
 
 def launch_env() -> LaunchEnv:
     """RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them (each process of a launch gets its own)."""
+    world_size = _env_int("WORLD_SIZE", 1)
     return LaunchEnv(
-        rank=_env_int("RANK", 0), world_size=_env_int("WORLD_SIZE", 1), local_rank=_env_int("LOCAL_RANK", 0)
+        rank=_env_int("RANK", 0), world_size=world_size, local_rank=_env_int("LOCAL_RANK", 0),
+        local_world_size=_env_int("LOCAL_WORLD_SIZE", world_size),
     )
 
 
-def parallel_layout_errors(ulysses_degree: int, ring_degree: int, env: LaunchEnv) -> list[str]:
-    """Problems with --ulysses-degree x --ring-degree against the number of launched processes."""
-    degree = ulysses_degree * ring_degree
+def parallel_layout_errors(
+    ulysses_degree: int | None, ring_degree: int | None, env: LaunchEnv, *, cfg_parallel: bool = False
+) -> list[str]:
+    """Problems with --ulysses-degree x --ring-degree (x 2 with --cfg-parallel) against the process count.
+
+    No degree at all: the layout is chosen at launch (only --cfg-parallel's even split is checked here);
+    one degree given: the other is 1.
+    """
+    cfg = 2 if cfg_parallel else 1
+    if ulysses_degree is None and ring_degree is None:
+        if env.world_size % cfg == 0 and (env.under_launcher or not cfg_parallel):
+            return []
+        return [f"--cfg-parallel puts the two guidance branches on two halves of the processes: launch an "
+                f"even number of them (torchrun --nproc_per_node=2 or more), not {env.world_size}"]
+    ulysses_degree, ring_degree = ulysses_degree or 1, ring_degree or 1
+    degree = ulysses_degree * ring_degree * cfg
     if degree == env.world_size or min(ulysses_degree, ring_degree) < 1:
         return []
+    product = f"--ulysses-degree {ulysses_degree} x --ring-degree {ring_degree}" + (
+        " x 2 (--cfg-parallel)" if cfg_parallel else "")
     if not env.under_launcher:
-        return [f"--ulysses-degree {ulysses_degree} x --ring-degree {ring_degree} = {degree} needs {degree} "
-                f"processes: launch with torchrun --nproc_per_node={degree} sample_video.py ..."]
-    return [f"--ulysses-degree {ulysses_degree} x --ring-degree {ring_degree} = {degree}, but torchrun "
-            f"launched {env.world_size} processes: choose degrees whose product is {env.world_size} (e.g. "
-            f"--ulysses-degree {env.world_size} --ring-degree 1, or --ring-degree {env.world_size} for any "
-            f"head count) or launch with --nproc_per_node={degree}"]
+        return [f"{product} = {degree} needs {degree} processes: launch with torchrun "
+                f"--nproc_per_node={degree} sample_video.py ... (or give no degree: they are then chosen "
+                f"from the process count)"]
+    per_branch = env.world_size // cfg
+    return [f"{product} = {degree}, but torchrun launched {env.world_size} processes: choose degrees whose "
+            f"product is {per_branch} (e.g. --ulysses-degree {per_branch} --ring-degree 1, or --ring-degree "
+            f"{per_branch} for any head count), give no degree to have them chosen, or launch with "
+            f"--nproc_per_node={degree}"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,9 +458,24 @@ def _add_inference_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Parallel args")
-    group.add_argument("--ulysses-degree", type=int, default=1, help="Ulysses sequence-parallel degree.")
+    # Differs: default None, not 1: with neither degree given, torchrun's process count is split
+    # automatically (1 x 1 in one process, as before); one degree given leaves the other at 1.
+    group.add_argument("--ulysses-degree", type=int, default=None,
+                       help="Ulysses sequence-parallel degree (default: chosen from the process count).")
     # Differs: the original's help text says "Ulysses degree".
-    group.add_argument("--ring-degree", type=int, default=1, help="Ring-attention sequence-parallel degree.")
+    group.add_argument("--ring-degree", type=int, default=None,
+                       help="Ring-attention sequence-parallel degree (default: chosen from the process "
+                            "count).")
+
+
+def _add_multigpu_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Multi-GPU args (torchrun)")
+    group.add_argument("--cfg-parallel", action="store_true",
+                       help="With --cfg-scale > 1: half of the processes denoise the negative prompt, half "
+                            "the positive; velocities are combined after each step (2 x U x R processes).")
+    group.add_argument("--shard-weights", action="store_true",
+                       help="Shard the DiT's weights over all processes (PyTorch FSDP2): "
+                            "each GPU holds ~1/N of them and gathers a block just before it runs.")
 
 
 def _add_rewrite_args(parser: argparse.ArgumentParser) -> None:
@@ -633,6 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_denoise_schedule_args(parser)
     _add_inference_args(parser)
     _add_parallel_args(parser)
+    _add_multigpu_args(parser)
     _add_rewrite_args(parser)
     _add_cache_args(parser)
     _add_lora_args(parser)
@@ -666,7 +714,7 @@ def validation_errors(args: argparse.Namespace) -> list[str]:
     positive = ("infer_steps", "num_videos", "batch_size", "ulysses_degree", "ring_degree", "text_len",
                 "text_len_2", "rope_theta", "text_states_dim", "text_states_dim_2")
     for name in positive:
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if math.isfinite(args.flow_shift) and args.flow_shift <= 0:
         errors.append(f"--flow-shift must be > 0, got {args.flow_shift}")
@@ -693,11 +741,38 @@ def validation_errors(args: argparse.Namespace) -> list[str]:
         errors.append(f"--attn-backend {args.attn_backend}: {problem}")
     errors += memory_args_errors(args)
     errors += reliability_errors(args)
-    try:
-        errors += parallel_layout_errors(args.ulysses_degree, args.ring_degree, launch_env())
-    except ValueError as exc:
-        errors.append(str(exc))
+    errors += multigpu_errors(args)
     return errors + cache_flag_errors(args)
+
+
+def multigpu_errors(args: argparse.Namespace) -> list[str]:
+    """Problems with the parallel layout and the multi-GPU flags (each rank decides alike)."""
+    try:
+        env = launch_env()
+    except ValueError as exc:
+        return [str(exc)]
+    errors = parallel_layout_errors(args.ulysses_degree, args.ring_degree, env,
+                                    cfg_parallel=args.cfg_parallel)
+    if args.cfg_parallel and args.cfg_scale <= 1.0:
+        errors.append(f"--cfg-parallel splits the two classifier-free-guidance branches, but --cfg-scale "
+                      f"{args.cfg_scale:g} runs only one: add --cfg-scale > 1 or drop --cfg-parallel")
+    if args.shard_weights and not env.under_launcher:
+        errors.append("--shard-weights shards the DiT over the processes of a torchrun launch; one process "
+                      "has nothing to share it with: launch with torchrun --nproc_per_node=N or drop it")
+    if args.shard_weights and resolve_offload_mode(args) in ("block", "sequential"):
+        errors.append(f"--shard-weights keeps each GPU's share of the DiT resident, which --offload-mode "
+                      f"{resolve_offload_mode(args)} (or --use-cpu-offload) contradicts: use --offload-mode "
+                      f"model (text encoders and VAE loaded per stage) or none")
+    together = [flag for flag, on in (("--lora", args.lora), ("--compile", args.compile),
+                                      ("--fp8-gemm", args.fp8_gemm)) if on]
+    if args.shard_weights and together:
+        errors.append(f"--shard-weights has not been tested with {', '.join(together)} (they change the "
+                      f"DiT's layers that FSDP2 shards): drop one of them")
+    if args.cfg_parallel and args.cache in ("teacache", "fbcache"):
+        errors.append(f"--cache {args.cache} decides from each branch's own values, so the two --cfg-parallel "
+                      f"halves would skip different steps: use --cache magcache (decided by the step alone) "
+                      f"or drop --cfg-parallel")
+    return errors
 
 
 def cache_flag_errors(args: argparse.Namespace) -> list[str]:
@@ -834,7 +909,11 @@ def configs_from_args(args: argparse.Namespace) -> Configs:
         decode_latents=Path(args.decode_latents) if args.decode_latents else None,
         rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
         memory_check=not args.no_memory_check,
+        cfg_parallel=args.cfg_parallel, shard_weights=args.shard_weights,
+        local_world_size=env.local_world_size,
     )
+    if runtime.auto_layout and not env.under_launcher:  # one process: 1 x 1, recorded as before
+        runtime = dataclasses.replace(runtime, ulysses_degree=1, ring_degree=1)
     return Configs(model=model, sampling=sampling, runtime=runtime, rewrite=rewrite_config_from_args(args),
                    cache=cache_config_from_args(args))
 

@@ -94,35 +94,38 @@ def _run_cli(configs: Configs) -> int:
         return 0
     # 1. Checks every rank decides alike from the flags and files, before any collective: one message
     #    (local rank 0), status 2 on every rank.
+    layout = None  # decoding saved latents splits only the VAE tiles: every rank in one group
     loras: list = []
     try:
         save_dir = check_writable_dir(runtime.save_path)  # before minutes of model loading
         if runtime.decode_latents is None:
             from hyvideo.inference import check_parallel_layout, prepare_loras
 
-            check_parallel_layout(configs)
+            layout = check_parallel_layout(configs)  # chosen here when no degree was given
+            configs = dataclasses.replace(configs, runtime=dataclasses.replace(
+                runtime, ulysses_degree=layout.ulysses_degree, ring_degree=layout.ring_degree))
             loras = prepare_loras(configs.model)  # a LoRA that does not fit fails before any loading
             from hyvideo.lowmem.memory_check import check_memory_fits
 
             check_memory_fits(configs)  # before minutes of loading: refuse what cannot fit
     except USER_ERRORS as exc:
         return _report_user_error(exc, runtime, every_rank=False)
-    # 2. The process group, then the work; a failure from here on ends this rank at once.
-    return run_guarded(lambda: _work(configs, save_dir, loras), runtime)
+    # 2. The process groups, then the work; a failure from here on ends this rank at once.
+    return run_guarded(lambda: _work(configs, save_dir, layout, loras), runtime)
 
 
-def _work(configs: Configs, save_dir: Path, loras: list | None = None) -> None:
+def _work(configs: Configs, save_dir: Path, layout, loras: list | None = None) -> None:
     from hyvideo.inference import init_parallel
     from hyvideo.parallel import destroy
 
     runtime = configs.runtime
     _quiet_third_party()
-    state = init_parallel(runtime)
+    groups = init_parallel(runtime, layout)  # every rank, its sequence group and its CFG branch
     if runtime.decode_latents is not None:
-        decode_saved_latents(configs, runtime.decode_latents, save_dir, parallel=state)
+        decode_saved_latents(configs, runtime.decode_latents, save_dir, parallel=groups.world)
     else:
-        _sample(configs, save_dir, state, loras or [])
-    destroy(state)
+        _sample(configs, save_dir, groups, loras or [])
+    destroy(groups.world)
 
 
 def memory_plan_report(configs: Configs) -> str:
@@ -242,13 +245,14 @@ def run_guarded(work: Callable[[], None], runtime: RuntimeConfig) -> int:
     return code
 
 
-def _sample(configs: Configs, save_dir: Path, state, loras: list) -> None:
+def _sample(configs: Configs, save_dir: Path, groups, loras: list) -> None:
     from hyvideo.inference import HunyuanVideoSampler, agree_seed
 
     sampling = configs.sampling
+    state = groups.world  # every rank: the seed, the rewrites and who writes
     # A rewrite server is asked before minutes of model loading; the local LLM needs the models first.
     rewrites = rewrite_prompts_for_run(configs, state) if configs.rewrite.uses_endpoint else None
-    sampler = HunyuanVideoSampler.from_pretrained(configs, parallel=state,
+    sampler = HunyuanVideoSampler.from_pretrained(configs, parallel=groups,
                                                   use_autocast=not configs.runtime.disable_autocast)
     if configs.rewrite.enabled and rewrites is None:
         rewrites = rewrite_prompts_for_run(configs, state, sampler=sampler)

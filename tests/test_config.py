@@ -73,6 +73,9 @@ ORIGINAL_FLAGS = {
 OUR_DEFAULTS = {
     "--flow-reverse": True,  # the original's False samples backwards and yields noise
     "--dit-weight": None,  # resolved under --model-base
+    # None = chosen from torchrun's process count (1 x 1 in one process: RuntimeConfig records 1, as before)
+    "--ulysses-degree": None,
+    "--ring-degree": None,
 }
 
 

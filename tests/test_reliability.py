@@ -265,8 +265,7 @@ def test_memory_verdict_uses_the_dit_being_loaded(tiny_tree, tmp_path, monkeypat
     tiny_verdict = memory_verdict_for(tiny, cpu, plenty)
     full_verdict = memory_verdict_for(full, cpu, plenty)
     assert tiny_verdict.biggest_term == "text encoder weights"  # the tiny DiT's activations are small
-    # With token-chunked blocks (hyvideo/lowmem/chunking.py) the 13B DiT's activations at 720p (~3.6 GiB) are
-    # below its 24 GiB of bf16 weights.
+    # 13B bf16 weights (24 GiB) outweigh the token-chunked activations (~4 GiB traced at 720p x 129)
     assert full_verdict.biggest_term == "DiT weights"
     assert full_verdict.needed_gib > tiny_verdict.needed_gib
     nowhere = str(tmp_path / "no")
