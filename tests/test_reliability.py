@@ -234,7 +234,7 @@ def test_memory_check_refuses_before_loading(tiny_tree, tmp_path, capsys, monkey
 
     monkeypatch.setattr(memory_check, "describes_released_models", lambda *folders: True)
     monkeypatch.setattr(memory_check, "device_free_bytes", lambda device: 4 << 30)
-    monkeypatch.setattr(inference, "load_transformer", lambda *a: pytest.fail("loaded despite the check"))
+    monkeypatch.setattr(inference, "load_transformer", lambda *a, **kw: pytest.fail("loaded despite the check"))
     out = tmp_path / "out"
     argv = ["--prompt", "x", "--model-base", str(tiny_tree), "--save-path", str(out),
             "--video-size", "720", "1280", "--video-length", "129"]
@@ -242,7 +242,7 @@ def test_memory_check_refuses_before_loading(tiny_tree, tmp_path, capsys, monkey
     assert_clean_failure(code, err, "--no-memory-check", out)
     assert "biggest term: text encoder weights" in err and "--use-cpu-offload" not in err  # CPU: no offload
 
-    def reached_loading(*args):
+    def reached_loading(*args, **kwargs):
         raise ValueError("reached loading")
 
     monkeypatch.setattr(inference, "load_transformer", reached_loading)
