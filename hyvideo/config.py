@@ -55,6 +55,9 @@ NO_EFFECT_FLAGS = (
 DIT_SUBDIR = "hunyuan-video-t2v-720p"
 DIT_FILE = "mp_rank_00_model_states.pt"
 DIT_FP8_FILE = "mp_rank_00_model_states_fp8.pt"
+# VAE decode tiles overlap by 25 % of whole latents: 4 x the 884 VAE's 8x spatial / 4x temporal compression.
+VAE_TILE_SIZE_MULTIPLE = 32
+VAE_TILE_FRAMES_MULTIPLE = 16
 
 # Upper bounds that stop typos (an extra 0) long before they turn into hours of work or a killed process.
 # They are generous: the released model was trained up to 720x1280 and 129 frames.
@@ -122,6 +125,10 @@ class ModelConfig:
     compile_mode: str = "default"
     fp8_gemm: bool = False  # --fp8-gemm: fp8 matmuls in the block linears (hyvideo/modules/fp8_gemm.py)
     dit_chunk_tokens: int | None = None  # --dit-chunk-tokens: None automatic, 0 off (hyvideo/lowmem/chunking.py)
+    # --vae-tile-size / --vae-tile-frames: VAE decode tile in pixels / frames; None: the VAE config.json's
+    # sample_size / sample_tsize (the released VAE's 256 px / 64 frames).
+    vae_tile_size: int | None = None
+    vae_tile_frames: int | None = None
 
     @property
     def dit_weight_path(self) -> Path:
@@ -620,6 +627,30 @@ def _add_memory_args(parser: argparse.ArgumentParser) -> None:
                        help="Run the DiT's per-token work (MLPs, projections, final layer) N tokens at a "
                             "time: same maths, a fraction of the activation memory. Default: automatic "
                             "(chunks of at most 8192 tokens); 0: off.")
+    group.add_argument("--vae-tile-size", type=int, default=None, metavar="PX",
+                       help="VAE decode tile edge in pixels, a multiple of "
+                            f"{VAE_TILE_SIZE_MULTIPLE} (default: the VAE's own, 256). Smaller tiles need less "
+                            "memory; tiles overlap by 25 %% and are blended as in the original.")
+    group.add_argument("--vae-tile-frames", type=int, default=None, metavar="N",
+                       help="VAE decode tile length in frames, a multiple of "
+                            f"{VAE_TILE_FRAMES_MULTIPLE} (default: the VAE's own, 64).")
+
+
+def vae_tile_errors(args: argparse.Namespace) -> list[str]:
+    """Problems with --vae-tile-size / --vae-tile-frames, one line each."""
+    errors = []
+    # A tile must overlap its neighbour by 25 % of whole latents, so its latent length must be a multiple
+    # of 4: 4 x the 8x spatial / 4x temporal compression of the 884 VAE.
+    for flag, value, multiple, unit, ratio in (
+        ("--vae-tile-size", args.vae_tile_size, VAE_TILE_SIZE_MULTIPLE, "px", "8x spatial"),
+        ("--vae-tile-frames", args.vae_tile_frames, VAE_TILE_FRAMES_MULTIPLE, "frames", "4x temporal"),
+    ):
+        if value is not None and (value < multiple or value % multiple):
+            errors.append(f"{flag} must be a positive multiple of {multiple} {unit} (4 x the VAE's {ratio} "
+                          f"compression, so that tiles overlap by whole latents), got {value}")
+        elif value is not None and not args.vae_tiling:
+            errors.append(f"{flag} sets the decode tiles: drop --no-vae-tiling")
+    return errors
 
 
 def memory_args_errors(args: argparse.Namespace) -> list[str]:
@@ -628,7 +659,7 @@ def memory_args_errors(args: argparse.Namespace) -> list[str]:
     if args.dit_chunk_tokens is not None and args.dit_chunk_tokens < 0:
         errors.append(f"--dit-chunk-tokens must be 0 (off) or a positive token count, "
                       f"got {args.dit_chunk_tokens}")
-    return errors
+    return errors + vae_tile_errors(args)
 
 
 def _add_reliability_args(parser: argparse.ArgumentParser) -> None:
@@ -853,7 +884,8 @@ def configs_from_args(args: argparse.Namespace) -> Configs:
         text_encoder_2=args.text_encoder_2, text_encoder_precision_2=args.text_encoder_precision_2,
         tokenizer_2=args.tokenizer_2, text_len_2=args.text_len_2, loras=lora_specs(args)[0],
         compile=args.compile, compile_mode=args.compile_mode, fp8_gemm=args.fp8_gemm,
-        dit_chunk_tokens=args.dit_chunk_tokens,
+        dit_chunk_tokens=args.dit_chunk_tokens, vae_tile_size=args.vae_tile_size,
+        vae_tile_frames=args.vae_tile_frames,
     )
     if args.prompt_file is not None:
         prompts = read_prompt_file(args.prompt_file)

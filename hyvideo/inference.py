@@ -18,7 +18,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -288,7 +288,16 @@ def load_vae_component(cfg: ModelConfig, device: torch.device):
     from hyvideo.vae import load_vae
 
     path = require_path(cfg.vae_path, "VAE folder")
-    return load_vae(path, dtype=PRECISION_TO_TYPE[cfg.vae_precision], device=device)
+    vae = load_vae(path, dtype=PRECISION_TO_TYPE[cfg.vae_precision], device=device)
+    if cfg.vae_tile_size is not None or cfg.vae_tile_frames is not None:
+        default = vae.tile_geometry  # the config.json's sample_size / sample_tsize
+        geometry = replace(
+            default, sample_size=cfg.vae_tile_size or default.sample_size,
+            sample_tsize=cfg.vae_tile_frames or default.sample_tsize,
+        )
+        vae.enable_tiling(geometry)  # tiling stays switchable per decode (--no-vae-tiling is refused with these)
+        logger.info("VAE decode tiles: %d px / %d frames", geometry.sample_size, geometry.sample_tsize)
+    return vae
 
 
 def load_text_encoders(cfg: ModelConfig, device: torch.device) -> dict:

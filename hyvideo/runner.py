@@ -145,13 +145,19 @@ def memory_plan_report(configs: Configs) -> str:
     )
     card = configs.runtime.plan_memory or None
     mode = configs.runtime.offload_mode
-    if not card:
-        return format_plan(estimate_peak_memory(use_fp8=cfg.use_fp8, offload_mode=mode, **kwargs))
-    estimate = fit_vae_tiles(card, use_fp8=cfg.use_fp8, offload_mode=mode, **kwargs)
+    user_tiles = cfg.vae_tile_size is not None or cfg.vae_tile_frames is not None
+    tiles = dict(vae_tile_size=cfg.vae_tile_size or 256, vae_tile_frames=cfg.vae_tile_frames or 64)
+    if not card or user_tiles:  # the user's tiles (or the defaults without a card) are planned as given
+        estimate = estimate_peak_memory(use_fp8=cfg.use_fp8, offload_mode=mode, **tiles, **kwargs)
+        if not card:
+            return format_plan(estimate)
+    else:
+        estimate = fit_vae_tiles(card, use_fp8=cfg.use_fp8, offload_mode=mode, **kwargs)
     report = [format_plan(estimate, card_gib=card)]
-    if estimate.vae_tile != (256, 64) and cfg.vae_tiling:
-        report.append(f"VAE tiles reduced to {estimate.vae_tile[0]} px / {estimate.vae_tile[1]} frames so that "
-                      "decoding fits.")
+    if estimate.vae_tile != (256, 64) and cfg.vae_tiling and not user_tiles:
+        why = "so that decoding fits" if estimate.fits(card) else "(the smallest tried; still too large)"
+        report.append(f"VAE tiles reduced to {estimate.vae_tile[0]} px / {estimate.vae_tile[1]} frames {why}: "
+                      f"run with --vae-tile-size {estimate.vae_tile[0]} --vae-tile-frames {estimate.vae_tile[1]}.")
         logger.info("memory plan: VAE tiles %s px / %s frames", *estimate.vae_tile)
     report.append(f"{'fits' if estimate.fits(card) else 'does not fit'} a {card:g} GiB card "
                   f"(peak {estimate.peak_gib:.1f} GiB in the {estimate.peak_stage} stage)")

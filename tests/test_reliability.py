@@ -234,7 +234,7 @@ def test_memory_check_refuses_before_loading(tiny_tree, tmp_path, capsys, monkey
 
     monkeypatch.setattr(memory_check, "describes_released_models", lambda *folders: True)
     monkeypatch.setattr(memory_check, "device_free_bytes", lambda device: 4 << 30)
-    monkeypatch.setattr(inference, "load_transformer", lambda *a, **k: pytest.fail("loaded despite the check"))
+    monkeypatch.setattr(inference, "load_transformer", lambda *a, **kw: pytest.fail("loaded despite the check"))
     out = tmp_path / "out"
     argv = ["--prompt", "x", "--model-base", str(tiny_tree), "--save-path", str(out),
             "--video-size", "720", "1280", "--video-length", "129"]

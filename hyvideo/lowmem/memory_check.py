@@ -109,6 +109,7 @@ def _plan_estimate(configs: Configs, dit_config: DiTConfig):
         cfg_scale=sampling.cfg_scale, vae_tiling=cfg.vae_tiling, text_len=cfg.text_len, dit_config=dit_config,
         batch_size=sampling.num_videos * sampling.batch_size, vae_precision=cfg.vae_precision,
         text_encoder_precision=cfg.text_encoder_precision, dit_chunk_tokens=cfg.dit_chunk_tokens,
+        vae_tile_size=cfg.vae_tile_size or 256, vae_tile_frames=cfg.vae_tile_frames or 64,
     )
 
 
@@ -208,7 +209,8 @@ def _hints(term: str, configs: Configs, *, on_cpu: bool) -> tuple[str, ...]:
         fp16 = ("--text-encoder-precision fp16",) if cfg.text_encoder_precision == "fp32" else ()
         hints = (*offload, *fp16)
     elif term == "VAE decode workspace":
-        hints = (*(() if cfg.vae_tiling else ("--vae-tiling",)), smaller)
+        tiles = "smaller --vae-tile-size / --vae-tile-frames (--plan-memory GIB picks them)"
+        hints = ("--vae-tiling",) if not cfg.vae_tiling else (tiles, smaller)
     else:
         hints = (*offload, smaller)
     return hints or ("a device with more free memory",)
