@@ -138,7 +138,8 @@ class MMDoubleStreamBlock(nn.Module):
         """img (B, L_img, D), txt (B, L_txt, D), vec (B, D), freqs 2 x (L_img, D_h) -> updated (img, txt)."""
         chunk = resolve_chunk_tokens(self.chunk_tokens, img.shape[1])
         if chunk < img.shape[1]:
-            return self._forward_chunked(img, txt, vec, freqs, key_mask=key_mask, backend=backend, chunk=chunk)
+            return self._forward_chunked(img, txt, vec, freqs, key_mask=key_mask, backend=backend,
+                                         chunk=chunk)
         # 1. Modulation: (shift, scale, gate) for attention and for the MLP, per stream
         img_msa, img_mlp = self.img_mod(vec)
         txt_msa, txt_mlp = self.txt_mod(vec)
@@ -496,8 +497,7 @@ class HYVideoDiffusionTransformer(nn.Module):
 
     def _run_blocks(
         self,
-        img: torch.Tensor,
-        txt: torch.Tensor,
+        streams: list[torch.Tensor],
         start: int = 0,
         stop: int | None = None,
         *,
@@ -508,8 +508,12 @@ class HYVideoDiffusionTransformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run blocks start .. stop-1 of [double blocks | single blocks]; returns (img, txt) after them.
 
-        img (B, L_loc, D), txt (B, L_txt, D). The step cache runs the first double block alone this way.
+        `streams` = [img (B, L_loc, D), txt (B, L_txt, D)] is emptied: when the caller keeps no other
+        reference, each hidden state is freed as soon as the next replaces it. The step cache runs the first
+        double block alone this way.
         """
+        img, txt = streams
+        streams.clear()
         num_double = len(self.double_blocks)
         stop = num_double + len(self.single_blocks) if stop is None else stop
         # Double-stream blocks: separate image and text streams
@@ -520,6 +524,7 @@ class HYVideoDiffusionTransformer(nn.Module):
         # Single-stream blocks over [img | txt]
         img_len = img.shape[1]
         x_tokens = torch.cat((img, txt), dim=1)  # (B, L_loc + L_txt, D)
+        del img, txt  # one hidden state less during the single-stream blocks
         for block in itertools.islice(self.single_blocks, max(start - num_double, 0), stop - num_double):
             x_tokens = block(x_tokens, vec, freqs, img_len=img_len, key_mask=key_mask, backend=backend)
         return x_tokens[:, :img_len], x_tokens[:, img_len:]
@@ -584,9 +589,14 @@ class HYVideoDiffusionTransformer(nn.Module):
         run_blocks = functools.partial(self._run_blocks, vec=vec, freqs=freqs, key_mask=key_mask,
                                        backend=backend)
         if step_cache is None:
-            img, _ = run_blocks(img, txt)
+            streams = [img, txt]
+            del img, txt  # the blocks hold the only references: the block input is freed after block 0
+            img, _ = run_blocks(streams)
         else:
-            blocks = BlockStack.create(run_blocks, self.double_blocks[0], split, img_len)
+            def run_cached(img, txt, start=0, stop=None):  # the cache keeps its own references anyway
+                return run_blocks([img, txt], start, stop)
+
+            blocks = BlockStack.create(run_cached, self.double_blocks[0], split, img_len)
             img = step_cache.run(blocks, img, txt, vec)
         # 8. Final layer on the image tokens (per token, so before the gather: C_out * 4 features travel
         #    instead of D), gather every rank's tokens, unpatchify

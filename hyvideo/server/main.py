@@ -46,10 +46,13 @@ def serve(configs: Configs, server: ServerConfig) -> int:
                              "sample_video.py, or leave the flag out")
         from hyvideo.inference import HunyuanVideoSampler, check_parallel_layout, init_parallel, prepare_loras
 
-        check_parallel_layout(configs)
+        layout = check_parallel_layout(configs)  # chosen here when no degree was given
+        configs = dataclasses.replace(configs, runtime=dataclasses.replace(
+            runtime, ulysses_degree=layout.ulysses_degree, ring_degree=layout.ring_degree))
         loras = prepare_loras(configs.model)  # --lora: applied to every job, checked before loading
-        state = init_parallel(runtime)
-        sampler = HunyuanVideoSampler.from_pretrained(configs, parallel=state,
+        groups = init_parallel(configs.runtime, layout)
+        state = groups.world  # jobs and cancel flags travel over every rank
+        sampler = HunyuanVideoSampler.from_pretrained(configs, parallel=groups,
                                                       use_autocast=not runtime.disable_autocast)
         for weights, scale in loras:  # every rank applies the same LoRAs
             sampler.add_lora(weights, scale)
