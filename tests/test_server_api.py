@@ -9,7 +9,6 @@ queued loses nothing (the running one is failed/interrupted, the queued one comp
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -64,7 +63,8 @@ BAD_REQUESTS = [
     ({"prompt": "a cat", "model": "sora-2"}, "model must be 'hunyuanvideo-t2v-720p'"),
     (["a cat"], "must be a JSON object, got a list"),
     ({"prompt": "a cat", "cache": "fastest"}, "cache must be one of none, magcache, teacache, fbcache"),
-    ({"prompt": "a cat", "cache": "magcache", "cache_threshold": -1}, "cache_threshold must be a number >= 0"),
+    ({"prompt": "a cat", "cache": "magcache", "cache_threshold": -1},
+     "cache_threshold must be a number >= 0"),
     ({"prompt": "a cat", "cache": "teacache", "cache_threshold": "0.1"}, "cache_threshold must be a number"),
     ({"prompt": "a cat", "cache_threshold": 0.1}, "cache_threshold needs a step cache in the same request"),
 ]
@@ -92,7 +92,8 @@ def test_step_cache_per_job_maps_onto_the_sampler_and_the_sidecar():
     assert job_cache(server.cache, same.features) == server.cache  # the server's threshold stays
     tuned = parse_request({"prompt": "a cat", "cache": "fbcache", "cache_threshold": 0}, DEFAULTS, LIMITS)
     assert job_cache(server.cache, tuned.features).threshold == 0.0
-    off = job_cache(server.cache, parse_request({"prompt": "a cat", "cache": "none"}, DEFAULTS, LIMITS).features)
+    none = parse_request({"prompt": "a cat", "cache": "none"}, DEFAULTS, LIMITS)
+    off = job_cache(server.cache, none.features)
     assert off.policy == "none" and not off.enabled
     # A job survives the store's JSON round trip with its features.
     assert JobRequest.from_dict(json.loads(json.dumps(tuned.to_dict()))).features == tuned.features
