@@ -9,7 +9,6 @@ queued loses nothing (the running one is failed/interrupted, the queued one comp
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -63,6 +62,11 @@ BAD_REQUESTS = [
     ({"prompt": "a cat", "save_path": "/tmp"}, "unknown field(s) save_path"),
     ({"prompt": "a cat", "model": "sora-2"}, "model must be 'hunyuanvideo-t2v-720p'"),
     (["a cat"], "must be a JSON object, got a list"),
+    ({"prompt": "a cat", "cache": "fastest"}, "cache must be one of none, magcache, teacache, fbcache"),
+    ({"prompt": "a cat", "cache": "magcache", "cache_threshold": -1},
+     "cache_threshold must be a number >= 0"),
+    ({"prompt": "a cat", "cache": "teacache", "cache_threshold": "0.1"}, "cache_threshold must be a number"),
+    ({"prompt": "a cat", "cache_threshold": 0.1}, "cache_threshold needs a step cache in the same request"),
 ]
 
 
@@ -72,6 +76,27 @@ def test_bad_request_gets_400_json_and_queues_nothing(client, service, body, mes
     assert answer.status_code == 400, answer.text
     assert message in answer.json()["error"]["message"]
     assert service.store.list() == []
+
+
+def test_step_cache_per_job_maps_onto_the_sampler_and_the_sidecar():
+    from hyvideo.config import parse_args
+    from hyvideo.server.worker import feature_kwargs, job_cache
+
+    server = parse_args(["--cache", "magcache", "--cache-threshold", "0.3"])
+    plain = parse_request({"prompt": "a cat"}, DEFAULTS, LIMITS)
+    assert plain.features == {} and feature_kwargs(plain.features, server)["cache"] == server.cache
+    tea = parse_request({"prompt": "a cat", "cache": "teacache"}, DEFAULTS, LIMITS)
+    cache = feature_kwargs(tea.features, server)["cache"]
+    assert (cache.policy, cache.effective_threshold) == ("teacache", 0.15)  # teacache's own default
+    same = parse_request({"prompt": "a cat", "cache": "magcache"}, DEFAULTS, LIMITS)
+    assert job_cache(server.cache, same.features) == server.cache  # the server's threshold stays
+    tuned = parse_request({"prompt": "a cat", "cache": "fbcache", "cache_threshold": 0}, DEFAULTS, LIMITS)
+    assert job_cache(server.cache, tuned.features).threshold == 0.0
+    none = parse_request({"prompt": "a cat", "cache": "none"}, DEFAULTS, LIMITS)
+    off = job_cache(server.cache, none.features)
+    assert off.policy == "none" and not off.enabled
+    # A job survives the store's JSON round trip with its features.
+    assert JobRequest.from_dict(json.loads(json.dumps(tuned.to_dict()))).features == tuned.features
 
 
 def test_malformed_bodies_and_parameters_get_4xx_not_500(client, service):

@@ -81,7 +81,8 @@ def _serve_rank0(configs: Configs, server: ServerConfig, sampler, state, save_di
                        ", ".join(interrupted))
     worker = Worker(store, sampler, configs, save_dir, parallel=state)
     service = Service(store=store, defaults=configs.sampling, limits=server.limits, save_dir=save_dir,
-                      wake=worker.wake, tiny_weights=tiny, token=server.token)
+                      wake=worker.wake, tiny_weights=tiny, token=server.token,
+                      cache_policy=configs.cache.policy)
     app = build_app(service)
     worker.start()
     logger.info("Serving on http://%s:%d/ (API: /v1/videos, auth: %s)", server.host, server.port,

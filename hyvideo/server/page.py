@@ -14,6 +14,7 @@ from typing import Any
 
 import gradio as gr
 
+from hyvideo.diffusion.cache import CACHE_POLICIES
 from hyvideo.server.schema import GUIDANCE_RANGE, LENGTH_PRESETS, RESOLUTION_PRESETS, RequestError
 from hyvideo.server.service import TINY_BANNER, Service
 from hyvideo.server.store import QueueFull
@@ -69,6 +70,8 @@ def build_page(service: Service) -> gr.Blocks:
                     shift = gr.Slider(0.5, 20.0, value=d.flow_shift, step=0.5, label="Flow shift")
                     count = gr.Slider(1, limits.max_videos, value=min(d.num_videos, limits.max_videos),
                                       step=1, label="Number of videos")
+                    cache = gr.Dropdown(list(CACHE_POLICIES), value=service.cache_policy, elem_id="cache",
+                                        label="Step cache (faster, approximate; see README 'Step caching')")
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -87,7 +90,7 @@ def build_page(service: Service) -> gr.Blocks:
         resolution.change(lambda label: _RESOLUTIONS.get(label, (gr.skip(), gr.skip())), resolution,
                           [width, height], queue=False)
         length.change(lambda label: _LENGTHS.get(label, gr.skip()), length, frames, queue=False)
-        inputs = [prompt, negative, width, height, frames, steps, seed, embedded, cfg, shift, count]
+        inputs = [prompt, negative, width, height, frames, steps, seed, embedded, cfg, shift, count, cache]
         outputs = [job_id, status, video, seed_used, sidecar, gallery]
         # The store is the queue: Gradio must not hold jobs back in its own queue.
         generate.click(_generate_handler(service), inputs, outputs, api_name="generate",
@@ -98,7 +101,7 @@ def build_page(service: Service) -> gr.Blocks:
 
 
 def form_to_request(prompt, negative, width, height, frames, steps, seed, embedded, cfg, shift,
-                    count) -> dict:
+                    count, cache="none") -> dict:
     """The page's fields as a /v1/videos body (the same checks apply to both)."""
     seed_text = str(seed or "").strip()
     if seed_text and not seed_text.isdigit():
@@ -109,7 +112,7 @@ def form_to_request(prompt, negative, width, height, frames, steps, seed, embedd
             "size": f"{int(width)}x{int(height)}",
             "frames": int(frames), "steps": int(steps), "seed": int(seed_text) if seed_text else None,
             "embedded_guidance_scale": float(embedded), "guidance_scale": float(cfg),
-            "flow_shift": float(shift), "n": int(count)}
+            "flow_shift": float(shift), "n": int(count), "cache": cache or "none"}
 
 
 def gallery_items(service: Service) -> list[tuple[str, str]]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hyvideo.config import SamplingConfig, ServerLimits
+from hyvideo.diffusion.cache import CACHE_POLICIES
 
 FPS = 24
 MODEL_ID = "hunyuanvideo-t2v-720p"
@@ -42,9 +43,26 @@ class RequestError(ValueError):
     """A request the server refuses; the message says which field was wrong and how to fix it."""
 
 
+def _cache_policy(value: Any, limits: ServerLimits) -> str:
+    if value not in CACHE_POLICIES:
+        raise RequestError(f"cache must be one of {', '.join(CACHE_POLICIES)}, got {value!r}")
+    return value
+
+
+def _cache_threshold(value: Any, limits: ServerLimits) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"cache_threshold must be a number >= 0, got {_kind(value)}")
+    if not (math.isfinite(value) and value >= 0):
+        raise RequestError(f"cache_threshold must be a number >= 0, got {value}")
+    return float(value)
+
+
 # Extra features, by request field name: a validator that returns the normalised value or raises
-# RequestError. Empty today; e.g. a LoRA scale would be `"lora_scale": _float_field("lora_scale", 0, 2)`.
-FEATURE_FIELDS: dict[str, Callable[[Any, ServerLimits], Any]] = {}
+# RequestError; hyvideo.server.worker.feature_kwargs turns them into sampler arguments.
+FEATURE_FIELDS: dict[str, Callable[[Any, ServerLimits], Any]] = {
+    "cache": _cache_policy,  # step cache policy for this job (README "Step caching")
+    "cache_threshold": _cache_threshold,  # with "cache": its threshold (default: the policy's)
+}
 
 # Request field -> SamplingConfig field (size and seconds/frames expand to two/one fields, see parse).
 SAMPLING_FIELDS = {
@@ -123,6 +141,9 @@ def parse_request(body: Any, defaults: SamplingConfig, limits: ServerLimits) -> 
     steps = _int(body, "steps", defaults.infer_steps, 1, limits.max_steps)
     n = _int(body, "n", defaults.num_videos, 1, limits.max_videos)
     seed = _int(body, "seed", defaults.seed, 0, MAX_SEED) if body.get("seed") is not None else defaults.seed
+    if "cache_threshold" in body and body.get("cache") in (None, "none"):
+        raise RequestError('cache_threshold needs a step cache in the same request: add "cache": '
+                           '"magcache", "teacache" or "fbcache"')
     return JobRequest(
         prompt=_prompt(body.get("prompt"), limits),
         negative_prompt=_negative(body.get("negative_prompt"), limits),

@@ -34,6 +34,7 @@ class Service:
     wake: Callable[[], None] = lambda: None  # tell the worker a job is waiting
     tiny_weights: bool = False
     token: str | None = None
+    cache_policy: str = "none"  # the server's --cache: the page's default step cache
 
     def submit(self, body: Any) -> Job:
         """Validate a request body and queue it (RequestError, QueueFull on refusal)."""

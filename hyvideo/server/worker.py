@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hyvideo.config import Configs
+from hyvideo.diffusion.cache import CacheConfig
 from hyvideo.server.schema import JobRequest
 from hyvideo.server.store import Job, JobStore
 
@@ -47,16 +48,29 @@ class JobSpec:
     seed: int | None = None
 
 
-def feature_kwargs(features: dict[str, Any]) -> dict[str, Any]:
+def feature_kwargs(features: dict[str, Any], configs: Configs) -> dict[str, Any]:
     """Extra `predict` keyword arguments for a request's feature fields (schema.FEATURE_FIELDS).
 
-    The one place where a new per-job feature (LoRA scale, step cache, prompt rewrite, ...) reaches the
-    sampler. None is defined yet, so every request samples exactly as the CLI does.
+    The one place where a per-job feature reaches the sampler; without feature fields a job samples
+    exactly as the server's flags say.
     """
-    unknown = set(features)
+    unknown = set(features) - {"cache", "cache_threshold"}
     if unknown:
         raise ValueError(f"no sampler support for feature field(s) {sorted(unknown)}")
-    return {}
+    return {"cache": job_cache(configs.cache, features)}
+
+
+def job_cache(server_cache: CacheConfig, features: dict[str, Any]) -> CacheConfig:
+    """The step cache of one job: the server's (--cache*), or the policy / threshold the request names."""
+    policy = features.get("cache", server_cache.policy)
+    if policy == server_cache.policy and "cache_threshold" not in features:
+        return server_cache
+    threshold = features.get("cache_threshold", server_cache.threshold if policy == server_cache.policy
+                             else None)
+    ratios = server_cache.ratios if policy == "magcache" else None
+    return dataclasses.replace(server_cache, policy=policy, threshold=threshold, ratios=ratios,
+                               ratios_source=server_cache.ratios_source if ratios is not None else None,
+                               calibrate=False, calibrate_path=None)
 
 
 def run_job(sampler, configs: Configs, spec: JobSpec, *, on_step: Callable[[int, int], bool],
@@ -83,14 +97,15 @@ def run_job(sampler, configs: Configs, spec: JobSpec, *, on_step: Callable[[int,
         flow_reverse=configs.sampling.flow_reverse,
         embedded_guidance_scale=request.embedded_guidance_scale if guidance_embed else None,
         num_videos_per_prompt=request.n, enable_tiling=configs.model.vae_tiling, show_progress=False,
-        cache=configs.cache, callback=step_callback, **feature_kwargs(request.features),
+        callback=step_callback, **feature_kwargs(request.features, configs),
     )
 
 
 def job_configs(configs: Configs, spec: JobSpec) -> Configs:
     """The server's configs with this job's sampling values: what its sidecar records."""
     request = JobRequest.from_dict(spec.request)
-    return dataclasses.replace(configs, sampling=request.sampling_config(configs.sampling, seed=spec.seed))
+    return dataclasses.replace(configs, sampling=request.sampling_config(configs.sampling, seed=spec.seed),
+                               cache=job_cache(configs.cache, request.features))
 
 
 class Worker:
