@@ -9,25 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import sample_video
 from hyvideo.prompt_rewrite import MASTER_INSTRUCTIONS
 from hyvideo.testing.chat_server import FakeChatServer, expected_rewrite
-from hyvideo.testing.tiny import write_tiny_checkpoints
 from hyvideo.utils.file_utils import load_latents
 from tests.parallel_workers.launch import REPO, tail, torchrun
-
-SMALL = ["--video-size", "64", "96", "--video-length", "5", "--infer-steps", "2", "--precision", "fp32",
-         "--vae-precision", "fp32", "--text-encoder-precision", "fp32", "--text-encoder-precision-2", "fp32"]
-
-
-@pytest.fixture(scope="module")
-def tiny_tree(tmp_path_factory) -> Path:
-    return write_tiny_checkpoints(tmp_path_factory.mktemp("ckpts"))
-
-
-def run(argv: list[str], capsys) -> tuple[int, str]:
-    code = sample_video.main(argv)
-    return code, capsys.readouterr().err
+from tests.test_sample_video import SMALL, run, tiny_tree  # noqa: F401 - tiny_tree is a fixture
 
 
 def sidecars(folder: Path) -> list[dict]:
