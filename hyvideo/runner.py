@@ -57,6 +57,7 @@ def run_cli(configs: Configs) -> int:
 
             check_parallel_layout(configs)
             loras = prepare_loras(configs.model)  # a LoRA that does not fit fails before any loading
+            reference_image(configs)  # --i2v-image-path: a bad image fails before any loading
     except USER_ERRORS as exc:
         return _report_user_error(exc, runtime, every_rank=False)
     # 2. The process group, then the work; a failure from here on ends this rank at once.
@@ -171,25 +172,46 @@ def _sample(configs: Configs, save_dir: Path, state, loras: list) -> None:
     for weights, scale in loras:  # every rank applies the same LoRAs
         sampler.add_lora(weights, scale)
     seed = agree_seed(sampling.seed, state)  # one seed for the whole run, the same on every rank
+    image = reference_image(configs)
+    height, width = (sampling.height, sampling.width) if image is None else i2v_bucket(configs, image)
     calibrations = []
     for index, prompt in enumerate(sampling.prompts):
         rewrite = rewrites[index] if rewrites is not None else None
         prompt = rewrite.rewritten if rewrite is not None else prompt
         logger.info("Prompt %d/%d: %s", index + 1, len(sampling.prompts), prompt)
         out = sampler.predict(
-            prompt, height=sampling.height, width=sampling.width, video_length=sampling.video_length,
+            prompt, height=height, width=width, video_length=sampling.video_length,
             seed=seed, negative_prompt=sampling.neg_prompt, infer_steps=sampling.infer_steps,
             guidance_scale=sampling.cfg_scale, flow_shift=sampling.flow_shift,
             flow_reverse=sampling.flow_reverse, embedded_guidance_scale=sampling.embedded_cfg_scale
             if sampler.transformer.config.guidance_embed else None,
             num_videos_per_prompt=sampling.num_videos * sampling.batch_size,
             enable_tiling=configs.model.vae_tiling, cache=configs.cache,
+            reference_image=image, i2v_stability=configs.i2v.stability,
         )
         if state.is_main:  # every rank holds the same videos; one writes them
             save_outputs(out, configs, save_dir, rewrite=rewrite)
             calibrations.append(out.step_cache)
     if state.is_main and configs.cache.calibrate:
         report_calibration(calibrations, configs)
+
+
+def reference_image(configs: Configs):
+    """The checked --i2v-image-path image (PIL RGB), or None outside --i2v-mode."""
+    if not configs.i2v.enabled:
+        return None
+    from hyvideo.i2v import load_reference_image
+
+    return load_reference_image(configs.i2v.image_path)
+
+
+def i2v_bucket(configs: Configs, image) -> tuple[int, int]:
+    from hyvideo.i2v import bucket_for_image
+
+    height, width = bucket_for_image(image.height, image.width, configs.i2v.resolution)
+    logger.info("--i2v-mode: image %dx%d -> %s bucket %dx%d (H x W), which replaces --video-size",
+                image.width, image.height, configs.i2v.resolution, height, width)
+    return height, width
 
 
 def report_calibration(summaries: list[dict], configs: Configs) -> None:

@@ -22,6 +22,8 @@ PROMPT_TEMPLATE_ENCODE_VIDEO_I2V = (
     .replace("<|eot_id|><|start_header_id|>user", "<|eot_id|>\n\n<|start_header_id|>user", 1)
     + "<|start_header_id|>assistant<|end_header_id|>\n\n"
 )
+# The I2V repository's NEGATIVE_PROMPT_I2V (constants.py; i2v_spec names it without quoting it: this text is
+# our reading of that file, to be checked against it). Used only with --cfg-scale > 1.
 NEGATIVE_PROMPT_I2V = (
     "deformation, a poor composition and deformed video, bad teeth, bad eyes, bad limbs"
 )
