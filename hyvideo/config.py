@@ -604,7 +604,8 @@ def _add_i2v_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--i2v-resolution", type=str, default="720p", choices=sorted(I2V_RESOLUTIONS),
                        help="Bucket size; the bucket closest to the image's aspect replaces --video-size.")
     group.add_argument("--i2v-condition-type", type=str, default="token_replace", choices=I2V_CONDITION_TYPES,
-                       help="token_replace: the current checkpoint; latent_concat: the first (33-channel) one.")
+                       help="token_replace: the current checkpoint; latent_concat: the first (33-channel) "
+                            "one.")
     group.add_argument("--i2v-stability", action="store_true",
                        help="Start from 0.999 noise + 0.001 image latents (the 'stable' recipe, with "
                             "--flow-shift 7).")
@@ -817,7 +818,8 @@ def configs_from_args(args: argparse.Namespace) -> Configs:
     sampling = SamplingConfig(
         prompts=prompts, neg_prompt=args.neg_prompt, height=height, width=width,
         video_length=args.video_length, infer_steps=args.infer_steps, seed=args.seed,
-        cfg_scale=args.cfg_scale, embedded_cfg_scale=args.embedded_cfg_scale, flow_shift=resolve_flow_shift(args),
+        cfg_scale=args.cfg_scale, embedded_cfg_scale=args.embedded_cfg_scale,
+        flow_shift=resolve_flow_shift(args),
         flow_reverse=args.flow_reverse, flow_solver=args.flow_solver, denoise_type=args.denoise_type,
         num_videos=args.num_videos, batch_size=args.batch_size,
     )
@@ -848,7 +850,8 @@ def announce_adjustments(args: argparse.Namespace) -> None:
             logger.warning("--video-size is replaced in --i2v-mode by the --i2v-resolution %s bucket closest "
                            "to the image's aspect ratio", args.i2v_resolution)
         logger.info("--i2v-mode: flow shift %s, embedded guidance %s (the I2V repository has no default for "
-                    "it; 6.0 is the value of all its recipes)", resolve_flow_shift(args), args.embedded_cfg_scale)
+                    "it; 6.0 is the value of all its recipes)", resolve_flow_shift(args),
+                    args.embedded_cfg_scale)
     for name in NO_EFFECT_FLAGS:
         if getattr(args, name) != getattr(defaults, name):
             logger.warning("--%s has no effect (kept for compatibility with the original)",

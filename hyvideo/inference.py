@@ -322,12 +322,17 @@ class HunyuanVideoSampler(Inference):
         if self._lora_stack is not None:
             self._lora_stack.clear()
 
+    def _negative_prompt_record(self, negative: str | None, guidance_scale: float, *, i2v: bool) -> str:
+        if guidance_scale <= 1:
+            return ""
+        return i2v_negative_prompt(negative) if i2v else self.pipeline.resolve_negative_prompt(negative)
+
     def _i2v_inputs(self, prompt: str, negative: str | None, image, size: tuple[int, int],
                     stability: bool, *, cfg: bool) -> dict:
         """Pipeline arguments for image-to-video: LLaVA + CLIP conditions, and the image latents."""
+        from hyvideo.diffusion.pipelines import TextConditions
         from hyvideo.i2v import image_to_tensor, resize_and_center_crop
         from hyvideo.i2v.conditioning import ImageCondition, encode_image_latents
-        from hyvideo.diffusion.pipelines import TextConditions
 
         pipe = self.pipeline
         with pipe.stage("text_encoder", "text_encoder_2"):
@@ -401,12 +406,13 @@ class HunyuanVideoSampler(Inference):
         started = time.perf_counter()
         i2v = {}
         if reference_image is not None:
-            i2v = self._i2v_inputs(prompt.strip(), negative, reference_image, (target_h, target_w), i2v_stability,
-                                   cfg=guidance_scale > 1.0)
+            i2v = self._i2v_inputs(prompt.strip(), negative, reference_image, (target_h, target_w),
+                                   i2v_stability, cfg=guidance_scale > 1.0)
         elif self.transformer.config.image_condition_type is not None:
             raise ValueError("this is an image-to-video DiT: pass a reference image (--i2v-image-path)")
         out = self.pipeline(
-            None if i2v else prompt.strip(), **i2v, height=target_h, width=target_w, video_length=video_length,
+            None if i2v else prompt.strip(), **i2v, height=target_h, width=target_w,
+            video_length=video_length,
             num_inference_steps=infer_steps, guidance_scale=guidance_scale, negative_prompt=negative,
             embedded_guidance_scale=embedded_guidance_scale, num_videos_per_prompt=len(seeds),
             generator=generators, data_type="video" if video_length > 1 else "image",
@@ -419,8 +425,8 @@ class HunyuanVideoSampler(Inference):
         logger.info("Success, time: %.1f s", elapsed)
         return PredictOutput(
             samples=out.videos, latents=out.latents, seeds=seeds, prompt=prompt.strip(),
-            negative_prompt=("" if guidance_scale <= 1 else i2v_negative_prompt(negative) if reference_image is not None
-                             else self.pipeline.resolve_negative_prompt(negative)),
+            negative_prompt=self._negative_prompt_record(negative, guidance_scale,
+                                                         i2v=reference_image is not None),
             size=(target_h, target_w, video_length), timings={**out.timings, "total_s": elapsed},
             step_cache=out.step_cache,
             loras=self._lora_stack.records() if self._lora_stack is not None else [],

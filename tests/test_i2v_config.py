@@ -26,7 +26,9 @@ def test_off_by_default_and_t2v_unchanged():
     cfgs = config.parse_args(["--prompt", "a cat"])
     assert not cfgs.i2v.enabled and cfgs.sampling.flow_shift == 7.0
     assert cfgs.model.dit.image_condition_type is None
-    assert cfgs.model.dit_weight_path == Path("ckpts/hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt")
+    assert cfgs.model.dit_weight_path == Path(
+        "ckpts/hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt"
+    )
     assert cfgs.model.text_encoder_path == Path("ckpts/text_encoder")
 
 
@@ -35,17 +37,31 @@ def test_i2v_defaults_and_folders(image):
     assert cfgs.i2v.enabled and cfgs.i2v.condition_type == "token_replace" and cfgs.i2v.interleave == 4
     assert cfgs.sampling.flow_shift == 17.0 and cfgs.sampling.embedded_cfg_scale == 6.0
     assert cfgs.model.dit.image_condition_type == "token_replace" and cfgs.model.dit.guidance_embed
-    assert cfgs.model.dit_weight_path == Path("ckpts/hunyuan-video-i2v-720p/transformers/mp_rank_00_model_states.pt")
+    assert cfgs.model.dit_weight_path == Path(
+        "ckpts/hunyuan-video-i2v-720p/transformers/mp_rank_00_model_states.pt"
+    )
     assert cfgs.model.vae_path == Path("ckpts/hunyuan-video-i2v-720p/vae")
     assert cfgs.model.text_encoder_path == Path("ckpts/text_encoder_i2v")
-    given = config.parse_args(["--prompt", "a", "--i2v-mode", "--i2v-image-path", image, "--flow-shift", "7",
-                               "--i2v-dit-weight", "x.pt"])
+    given = config.parse_args(
+        [
+            "--prompt",
+            "a",
+            "--i2v-mode",
+            "--i2v-image-path",
+            image,
+            "--flow-shift",
+            "7",
+            "--i2v-dit-weight",
+            "x.pt",
+        ]
+    )
     assert given.sampling.flow_shift == 7.0 and given.model.dit_weight_path == Path("x.pt")
 
 
 def test_latent_concat_is_the_legacy_33_channel_dit(image):
-    cfgs = config.parse_args(["--prompt", "a", "--i2v-mode", "--i2v-image-path", image,
-                              "--i2v-condition-type", "latent_concat"])
+    cfgs = config.parse_args(
+        ["--prompt", "a", "--i2v-mode", "--i2v-image-path", image, "--i2v-condition-type", "latent_concat"]
+    )
     dit = cfgs.model.dit
     assert dit.in_channels == 33 and dit.out_channels == 16 and not dit.guidance_embed
     assert cfgs.i2v.interleave == 2
@@ -54,8 +70,20 @@ def test_latent_concat_is_the_legacy_33_channel_dit(image):
 def test_i2v_lora_flags_map_onto_lora(tmp_path, image):
     lora = tmp_path / "hair.safetensors"
     lora.write_bytes(b"x")
-    cfgs = config.parse_args(["--prompt", "a", "--i2v-mode", "--i2v-image-path", image, "--use-lora",
-                              "--lora-path", str(lora), "--lora-scale", "0.5"])
+    cfgs = config.parse_args(
+        [
+            "--prompt",
+            "a",
+            "--i2v-mode",
+            "--i2v-image-path",
+            image,
+            "--use-lora",
+            "--lora-path",
+            str(lora),
+            "--lora-scale",
+            "0.5",
+        ]
+    )
     (spec,) = cfgs.model.loras
     assert spec.path == lora and spec.scale == 0.5 and spec.ignore_alpha
 

@@ -32,8 +32,10 @@ def inputs(t: float, guidance: bool = True, batch: int = 2) -> dict:
     mask = torch.ones(batch, 10)
     mask[-1, 6:] = 0
     return {
-        "x": torch.randn(batch, 4, 3, 8, 8, generator=g), "t": torch.full((batch,), t),
-        "text_states": torch.randn(batch, 10, 32, generator=g), "text_mask": mask,
+        "x": torch.randn(batch, 4, 3, 8, 8, generator=g),
+        "t": torch.full((batch,), t),
+        "text_states": torch.randn(batch, 10, 32, generator=g),
+        "text_mask": mask,
         "text_states_2": torch.randn(batch, 16, generator=g),
         "guidance": torch.full((batch,), 6000.0) if guidance else None,
     }
@@ -72,8 +74,15 @@ def test_parity_with_diffusers_token_replace(guidance):
     twin = diffusers_transformer(tr.config, tr.state_dict())
     kw = inputs(430.0, guidance=guidance)
     with torch.no_grad():
-        theirs = twin(kw["x"], kw["t"], kw["text_states"], kw["text_mask"], kw["text_states_2"], kw["guidance"],
-                      return_dict=False)[0]
+        theirs = twin(
+            kw["x"],
+            kw["t"],
+            kw["text_states"],
+            kw["text_mask"],
+            kw["text_states_2"],
+            kw["guidance"],
+            return_dict=False,
+        )[0]
     assert rel_err(run(tr, kw), theirs) <= 1e-5
 
 
@@ -87,8 +96,9 @@ def test_chunked_blocks_equal_unchunked_with_token_replace():
 
 
 def test_legacy_latent_concat_checkpoint_loads_strictly(tmp_path):
-    legacy = TINY_DIT_TEST.with_updates(in_channels=9, out_channels=4, guidance_embed=False,
-                                        image_condition_type="latent_concat")
+    legacy = TINY_DIT_TEST.with_updates(
+        in_channels=9, out_channels=4, guidance_embed=False, image_condition_type="latent_concat"
+    )
     path = write_dit(tmp_path / "transformers", legacy)
     assert json.loads((tmp_path / "transformers" / "dit_config.json").read_text())["in_channels"] == 9
     model = load_dit(legacy, path, dtype=torch.float32)
@@ -96,6 +106,14 @@ def test_legacy_latent_concat_checkpoint_loads_strictly(tmp_path):
     with pytest.raises(Exception, match="guidance_in|missing|shape"):
         load_dit(legacy.with_updates(guidance_embed=True), path, dtype=torch.float32)
     x = torch.randn(1, 9, 2, 4, 4)
-    out = run(model, {"x": x, "t": torch.tensor([500.0]), "text_states": torch.randn(1, 5, 32),
-                      "text_mask": None, "text_states_2": torch.randn(1, 16)})
+    out = run(
+        model,
+        {
+            "x": x,
+            "t": torch.tensor([500.0]),
+            "text_states": torch.randn(1, 5, 32),
+            "text_mask": None,
+            "text_states_2": torch.randn(1, 16),
+        },
+    )
     assert out.shape == (1, 4, 2, 4, 4)

@@ -75,7 +75,9 @@ def _save(tmp_path, mode, size, name="img.png", color=None):
     return path
 
 
-@pytest.mark.parametrize("mode, color", [("RGB", (10, 20, 30)), ("RGBA", (10, 20, 30, 0)), ("L", 77), ("P", 3)])
+@pytest.mark.parametrize(
+    "mode, color", [("RGB", (10, 20, 30)), ("RGBA", (10, 20, 30, 0)), ("L", 77), ("P", 3)]
+)
 def test_load_converts_to_rgb(tmp_path, mode, color):
     image = load_reference_image(_save(tmp_path, mode, (40, 30), color=color))
     assert image.mode == "RGB" and image.size == (40, 30)
@@ -132,8 +134,9 @@ def tokenizer(tmp_path_factory):
 
 def _tokenize(tokenizer, prompts, layout):
     texts = [layout.template.format(p) for p in prompts]
-    return tokenizer(texts, max_length=layout.max_length, padding="max_length", truncation=True,
-                     return_tensors="pt")
+    return tokenizer(
+        texts, max_length=layout.max_length, padding="max_length", truncation=True, return_tensors="pt"
+    )
 
 
 def test_template_prefix_positions(tokenizer):

@@ -18,7 +18,7 @@ def test_token_replace_under_sequence_parallelism_equals_one_process(tmp_path):
     if proc.returncode != 0 or not out.exists():
         pytest.fail(f"worker failed:\n{tail(proc)}")
     got = torch.load(out, weights_only=True)
-    # 30 image tokens, 10 per rank, frame 0 = tokens 0..14: all of rank 0's, half of rank 1's, none of rank 2's
+    # 30 image tokens, 10 per rank, frame 0 = tokens 0..14: all of rank 0's, 5 of rank 1's, none of rank 2's
     assert got["first_frame_tokens"] == [10, 5, 0]
     dit = cases.build_dit()
     with torch.no_grad():

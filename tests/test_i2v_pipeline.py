@@ -23,16 +23,26 @@ def dit(config):
 
 
 def pipeline(model, vae=None):
-    return HunyuanVideoPipeline(vae=vae, text_encoder=None, text_encoder_2=None, transformer=model,
-                                scheduler=FlowMatchDiscreteScheduler(shift=17.0), dit_dtype=torch.float32,
-                                vae_dtype=torch.float32, use_autocast=False)
+    return HunyuanVideoPipeline(
+        vae=vae,
+        text_encoder=None,
+        text_encoder_2=None,
+        transformer=model,
+        scheduler=FlowMatchDiscreteScheduler(shift=17.0),
+        dit_dtype=torch.float32,
+        vae_dtype=torch.float32,
+        use_autocast=False,
+    )
 
 
 def conditions(batch: int = 1) -> TextConditions:
     gen = torch.Generator().manual_seed(1)
     mask = torch.ones(batch, 9, dtype=torch.long)
-    return TextConditions(torch.randn(batch, 9, TINY_DIT.text_states_dim, generator=gen), mask,
-                          torch.randn(batch, TINY_DIT.text_states_dim_2, generator=gen))
+    return TextConditions(
+        torch.randn(batch, 9, TINY_DIT.text_states_dim, generator=gen),
+        mask,
+        torch.randn(batch, TINY_DIT.text_states_dim_2, generator=gen),
+    )
 
 
 def image_latents(batch: int = 1):
@@ -51,9 +61,16 @@ def test_token_replace_holds_frame_0_bit_exact_and_steps_the_rest():
 
     model.forward = spy
     out = pipeline(model)(
-        prompt_conditions=conditions(), height=HEIGHT, width=WIDTH, video_length=FRAMES, num_inference_steps=STEPS,
-        embedded_guidance_scale=6.0, generator=[torch.Generator().manual_seed(5)], output_type="latent",
-        show_progress=False, image_condition=ImageCondition(image, "token_replace"),
+        prompt_conditions=conditions(),
+        height=HEIGHT,
+        width=WIDTH,
+        video_length=FRAMES,
+        num_inference_steps=STEPS,
+        embedded_guidance_scale=6.0,
+        generator=[torch.Generator().manual_seed(5)],
+        output_type="latent",
+        show_progress=False,
+        image_condition=ImageCondition(image, "token_replace"),
         callback_on_step_end=lambda i, t, x: seen_latents.append(x.clone()),
     )
     assert len(seen_inputs) == STEPS and out.latents.shape == (1, 16, 3, 4, 6)
@@ -92,11 +109,20 @@ def test_latent_concat_channel_order():
 
 
 def test_latent_concat_pipeline_runs_the_33_channel_dit():
-    model = dit(TINY_DIT.with_updates(in_channels=33, guidance_embed=False, image_condition_type="latent_concat"))
+    model = dit(
+        TINY_DIT.with_updates(in_channels=33, guidance_embed=False, image_condition_type="latent_concat")
+    )
     out = pipeline(model)(
-        prompt_conditions=conditions(), height=HEIGHT, width=WIDTH, video_length=FRAMES, num_inference_steps=2,
-        embedded_guidance_scale=None, generator=[torch.Generator().manual_seed(5)], output_type="latent",
-        show_progress=False, image_condition=ImageCondition(image_latents(), "latent_concat"),
+        prompt_conditions=conditions(),
+        height=HEIGHT,
+        width=WIDTH,
+        video_length=FRAMES,
+        num_inference_steps=2,
+        embedded_guidance_scale=None,
+        generator=[torch.Generator().manual_seed(5)],
+        output_type="latent",
+        show_progress=False,
+        image_condition=ImageCondition(image_latents(), "latent_concat"),
     )
     assert out.latents.shape == (1, 16, 3, 4, 6)
 
@@ -143,7 +169,11 @@ def test_sampler_loop_equals_diffusers_image_to_video(condition_type):
     stretches the image to (H, W) without bucketing (the image is given at exactly H x W, so the stretch and
     our resize + crop are both the identity), and encodes it untiled (tiling off on both sides). Not compared:
     prompt encoding (embeddings are given to both) and decoding (latent output)."""
-    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoImageToVideoPipeline
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoImageToVideoPipeline,
+    )
     from PIL import Image
 
     from hyvideo.i2v import image_to_tensor
@@ -154,31 +184,62 @@ def test_sampler_loop_equals_diffusers_image_to_video(condition_type):
     vae = AutoencoderKLCausal3D(VAEConfig.from_dict(TINY_VAE)).eval()
     randomize_(vae, generator=torch.Generator().manual_seed(1), std=0.1)
     vae_twin = AutoencoderKLHunyuanVideo(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=tuple(TINY_VAE["block_out_channels"]),
-        layers_per_block=TINY_VAE["layers_per_block"], norm_num_groups=TINY_VAE["norm_num_groups"],
-        scaling_factor=TINY_VAE["scaling_factor"]).eval()
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=tuple(TINY_VAE["block_out_channels"]),
+        layers_per_block=TINY_VAE["layers_per_block"],
+        norm_num_groups=TINY_VAE["norm_num_groups"],
+        scaling_factor=TINY_VAE["scaling_factor"],
+    ).eval()
     vae_twin.load_state_dict(vae.state_dict(), strict=True)
     theirs_pipe = HunyuanVideoImageToVideoPipeline(
-        text_encoder=None, tokenizer=None, transformer=diffusers_transformer(model.config, model.state_dict()),
-        vae=vae_twin, scheduler=FlowMatchEulerDiscreteScheduler(shift=17.0), text_encoder_2=None, tokenizer_2=None,
-        image_processor=None)
+        text_encoder=None,
+        tokenizer=None,
+        transformer=diffusers_transformer(model.config, model.state_dict()),
+        vae=vae_twin,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=17.0),
+        text_encoder_2=None,
+        tokenizer_2=None,
+        image_processor=None,
+    )
     theirs_pipe.set_progress_bar_config(disable=True)
 
-    pixels = torch.randint(0, 256, (HEIGHT, WIDTH, 3), generator=torch.Generator().manual_seed(4)).to(torch.uint8)
+    pixels = torch.randint(0, 256, (HEIGHT, WIDTH, 3), generator=torch.Generator().manual_seed(4)).to(
+        torch.uint8
+    )
     image = Image.fromarray(pixels.numpy(), "RGB")
     cond = conditions()
     noise = torch.randn(1, 16, 3, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(5))
     latents_image = encode_image_latents(vae, image_to_tensor(image), vae_dtype=torch.float32)
     ours = pipeline(model, vae)(
-        prompt_conditions=cond, height=HEIGHT, width=WIDTH, video_length=FRAMES, num_inference_steps=STEPS,
-        embedded_guidance_scale=6.0 if model.config.guidance_embed else None, latents=noise.clone(),
-        output_type="latent", show_progress=False,
-        image_condition=ImageCondition(latents_image, condition_type, stability=True))
+        prompt_conditions=cond,
+        height=HEIGHT,
+        width=WIDTH,
+        video_length=FRAMES,
+        num_inference_steps=STEPS,
+        embedded_guidance_scale=6.0 if model.config.guidance_embed else None,
+        latents=noise.clone(),
+        output_type="latent",
+        show_progress=False,
+        image_condition=ImageCondition(latents_image, condition_type, stability=True),
+    )
     theirs = theirs_pipe(
-        image=image, prompt_embeds=cond.embeds, pooled_prompt_embeds=cond.pooled,
-        prompt_attention_mask=cond.mask, height=HEIGHT, width=WIDTH, num_frames=FRAMES,
-        num_inference_steps=STEPS, guidance_scale=6.0, latents=noise.clone(), output_type="latent").frames
-    if condition_type == "latent_concat":  # diffusers' latent output drops latent frame 0 (its decode: 4 frames)
+        image=image,
+        prompt_embeds=cond.embeds,
+        pooled_prompt_embeds=cond.pooled,
+        prompt_attention_mask=cond.mask,
+        height=HEIGHT,
+        width=WIDTH,
+        num_frames=FRAMES,
+        num_inference_steps=STEPS,
+        guidance_scale=6.0,
+        latents=noise.clone(),
+        output_type="latent",
+    ).frames
+    if (
+        condition_type == "latent_concat"
+    ):  # diffusers' latent output drops latent frame 0 (its decode: 4 frames)
         theirs = torch.cat((ours.latents[:, :, :1], theirs), dim=2)
     # float32 throughout; the image normalisation ((x - 0.5) / 0.5 vs 2x - 1) may differ in the last bit
     assert rel_err(ours.latents, theirs) <= 1e-5

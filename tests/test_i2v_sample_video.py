@@ -18,10 +18,28 @@ from hyvideo.testing.tiny import write_tiny_checkpoints
 from hyvideo.utils.file_utils import load_latents
 from hyvideo.vae import load_vae
 
-FP32 = ["--precision", "fp32", "--vae-precision", "fp32", "--text-encoder-precision", "fp32",
-        "--text-encoder-precision-2", "fp32"]
-SMALL = ["--video-length", "5", "--infer-steps", "2", "--i2v-resolution", "360p", "--no-vae-tiling",
-         "--crf", "0", *FP32]
+FP32 = [
+    "--precision",
+    "fp32",
+    "--vae-precision",
+    "fp32",
+    "--text-encoder-precision",
+    "fp32",
+    "--text-encoder-precision-2",
+    "fp32",
+]
+SMALL = [
+    "--video-length",
+    "5",
+    "--infer-steps",
+    "2",
+    "--i2v-resolution",
+    "360p",
+    "--no-vae-tiling",
+    "--crf",
+    "0",
+    *FP32,
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +58,23 @@ def cat_png(tmp_path) -> Path:
 
 def test_first_frame_is_the_vae_reconstruction_of_the_bucketed_image(tiny_tree, cat_png, tmp_path, capsys):
     out = tmp_path / "results"
-    code = sample_video.main(["--model-base", str(tiny_tree), "--i2v-mode", "--i2v-image-path", str(cat_png),
-                              "--prompt", "A cat turns its head.", "--seed", "7", "--save-path", str(out),
-                              "--save-latents", *SMALL])
+    code = sample_video.main(
+        [
+            "--model-base",
+            str(tiny_tree),
+            "--i2v-mode",
+            "--i2v-image-path",
+            str(cat_png),
+            "--prompt",
+            "A cat turns its head.",
+            "--seed",
+            "7",
+            "--save-path",
+            str(out),
+            "--save-latents",
+            *SMALL,
+        ]
+    )
     assert code == 0, capsys.readouterr().err[-3000:]
     (video,) = sorted(out.glob("*.mp4"))
     frames = iio.imread(video)
@@ -74,16 +106,27 @@ def test_first_frame_is_the_vae_reconstruction_of_the_bucketed_image(tiny_tree, 
     assert sidecar["size"][:2] == [352, 608]
 
 
-@pytest.mark.parametrize("content, needle", [(b"not a png", "not a readable image"),
-                                              (None, "no such file")])
+@pytest.mark.parametrize("content, needle", [(b"not a png", "not a readable image"), (None, "no such file")])
 def test_bad_image_exits_2_with_one_line_and_writes_nothing(tiny_tree, tmp_path, capsys, content, needle):
     image = tmp_path / "bad.png"
     if content is not None:
         image.write_bytes(content)
     out = tmp_path / "results"
     with pytest.raises(SystemExit) as exc:  # argparse-level (missing file) or the runner (undecodable)
-        code = sample_video.main(["--model-base", str(tiny_tree), "--i2v-mode", "--i2v-image-path", str(image),
-                                  "--prompt", "a cat", "--save-path", str(out), *SMALL])
+        code = sample_video.main(
+            [
+                "--model-base",
+                str(tiny_tree),
+                "--i2v-mode",
+                "--i2v-image-path",
+                str(image),
+                "--prompt",
+                "a cat",
+                "--save-path",
+                str(out),
+                *SMALL,
+            ]
+        )
         raise SystemExit(code)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()

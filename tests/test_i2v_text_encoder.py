@@ -36,11 +36,17 @@ def old_api_states(encoder: LlavaTextEncoder, prompts, pictures) -> torch.Tensor
         embeds = model.get_input_embeddings()(ids.masked_fill(ids == encoder.image_token_id, 0))
         at = layout.image_token_index
         merged = torch.cat((embeds[:, :at], features, embeds[:, at + 1 :]), dim=1)
-        merged_mask = torch.cat((mask[:, :at], torch.ones(len(prompts), features.shape[1], dtype=mask.dtype),
-                                 mask[:, at + 1 :]), dim=1)
+        merged_mask = torch.cat(
+            (mask[:, :at], torch.ones(len(prompts), features.shape[1], dtype=mask.dtype), mask[:, at + 1 :]),
+            dim=1,
+        )
         positions = (merged_mask.cumsum(-1) - 1).masked_fill(merged_mask == 0, 1)
-        out = model.model.language_model(inputs_embeds=merged, attention_mask=merged_mask,
-                                          position_ids=positions, output_hidden_states=True)
+        out = model.model.language_model(
+            inputs_embeds=merged,
+            attention_mask=merged_mask,
+            position_ids=positions,
+            output_hidden_states=True,
+        )
     return out.hidden_states[-3], ids, mask
 
 

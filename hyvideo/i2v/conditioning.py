@@ -13,8 +13,14 @@ import torch
 from hyvideo.i2v.settings import I2V_CONDITION_TYPES, STABILITY_IMAGE_WEIGHT
 
 
-def encode_image_latents(vae, pixels: torch.Tensor, *, vae_dtype: torch.dtype, use_autocast: bool = True,
-                         device: torch.device | None = None) -> torch.Tensor:
+def encode_image_latents(
+    vae,
+    pixels: torch.Tensor,
+    *,
+    vae_dtype: torch.dtype,
+    use_autocast: bool = True,
+    device: torch.device | None = None,
+) -> torch.Tensor:
     """Bucketed image (B, 3, 1, H, W) in [-1, 1] -> scaled latents (B, C, 1, H/8, W/8) in `vae_dtype`.
 
     Parity: untiled (the original only enables tiling for decoding), the posterior mean, times the scaling
@@ -60,13 +66,15 @@ class ImageCondition:
 
     def __post_init__(self) -> None:
         if self.condition_type not in I2V_CONDITION_TYPES:
-            raise ValueError(f"condition_type must be one of {I2V_CONDITION_TYPES}, got {self.condition_type!r}")
+            raise ValueError(
+                f"condition_type must be one of {I2V_CONDITION_TYPES}, got {self.condition_type!r}"
+            )
 
     def repeat(self, n: int) -> ImageCondition:
         return ImageCondition(self.latents.repeat_interleave(n, dim=0), self.condition_type, self.stability)
 
     def initial_latents(self, noise: torch.Tensor) -> torch.Tensor:
-        """The noise (B, C, T, h, w), with the stability mix when asked (latent_concat: always, as released)."""
+        """The noise (B, C, T, h, w), stability-mixed when asked (latent_concat: always, as released)."""
         if self.stability or self.condition_type == "latent_concat":
             return stability_mix(noise, self.latents)
         return noise

@@ -77,7 +77,9 @@ def load_reference_image(path: str | os.PathLike):
 
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"--i2v-image-path {file}: no such file; give the path of a PNG/JPEG/WebP image")
+        raise FileNotFoundError(
+            f"--i2v-image-path {file}: no such file; give the path of a PNG/JPEG/WebP image"
+        )
     try:
         with Image.open(file) as opened:
             width, height = opened.size
@@ -89,10 +91,13 @@ def load_reference_image(path: str | os.PathLike):
             opened.load()
             image = opened.convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"--i2v-image-path {file}: not a readable image ({type(exc).__name__}: {exc})") from None
+        raise ValueError(
+            f"--i2v-image-path {file}: not a readable image ({type(exc).__name__}: {exc})"
+        ) from None
     if min(width, height) < MIN_IMAGE_SIDE:
         raise ValueError(
-            f"--i2v-image-path {file}: {width}x{height} is too small; each side needs >= {MIN_IMAGE_SIDE} pixels"
+            f"--i2v-image-path {file}: {width}x{height} is too small; each side needs >= {MIN_IMAGE_SIDE} "
+            "pixels"
         )
     return image
 

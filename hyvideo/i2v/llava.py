@@ -42,8 +42,16 @@ def _image_processor_class():
 class LlavaTextEncoder(nn.Module):
     """HunyuanVideo-I2V's MLLM encoder: prompt + reference image -> [image tokens | text tokens] states."""
 
-    def __init__(self, model: nn.Module, tokenizer, image_processor, *, interleave: int = 4,
-                 hidden_state_skip_layer: int = 2, layout: I2VPromptLayout | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        image_processor,
+        *,
+        interleave: int = 4,
+        hidden_state_skip_layer: int = 2,
+        layout: I2VPromptLayout | None = None,
+    ) -> None:
         """Wrap a loaded LlavaForConditionalGeneration, its right-padding tokenizer and CLIP image processor.
 
         Args:
@@ -61,21 +69,35 @@ class LlavaTextEncoder(nn.Module):
         self.image_token_id = model.config.image_token_id
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str = torch.float16,
-                        device: torch.device | str = "cpu", interleave: int = 4,
-                        hidden_state_skip_layer: int = 2) -> LlavaTextEncoder:
-        """Load `text_encoder_i2v/` (xtuner/llava-llama-3-8b-v1_1-transformers: model, tokenizer, processor)."""
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str = torch.float16,
+        device: torch.device | str = "cpu",
+        interleave: int = 4,
+        hidden_state_skip_layer: int = 2,
+    ) -> LlavaTextEncoder:
+        """Load `text_encoder_i2v/` (xtuner/llava-llama-3-8b-v1_1-transformers: model, tokenizer, processor).
+        """
         from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
         folder, config = check_model_folder(path, "I2V LLaVA text encoder")
         if config.get("model_type") != "llava":
-            raise ValueError(f"{folder} is not a whole LLaVA checkpoint (model_type {config.get('model_type')!r}); "
-                             "--i2v-mode needs xtuner/llava-llama-3-8b-v1_1-transformers in text_encoder_i2v/")
+            raise ValueError(
+                f"{folder} is not a whole LLaVA checkpoint (model_type {config.get('model_type')!r}); "
+                "--i2v-mode needs xtuner/llava-llama-3-8b-v1_1-transformers in text_encoder_i2v/"
+            )
         model = load_frozen_model(LlavaForConditionalGeneration, folder, resolve_dtype(dtype), device)
         tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="right")
         processor = _image_processor_class().from_pretrained(folder)
-        return cls(model, tokenizer, processor, interleave=interleave,
-                   hidden_state_skip_layer=hidden_state_skip_layer)
+        return cls(
+            model,
+            tokenizer,
+            processor,
+            interleave=interleave,
+            hidden_state_skip_layer=hidden_state_skip_layer,
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -97,13 +119,18 @@ class LlavaTextEncoder(nn.Module):
         tokens, lengths = tokenize_with_lengths(self.tokenizer, texts, layout.max_length)
         for i, (prompt, n) in enumerate(zip(cleaned, lengths, strict=True)):
             if n > layout.max_length:
-                logger.warning("Prompt %d (%r) is too long for the I2V text encoder: %d of its tokens were "
-                               "dropped", i, short_text(prompt), n - layout.max_length)
+                logger.warning(
+                    "Prompt %d (%r) is too long for the I2V text encoder: %d of its tokens were dropped",
+                    i,
+                    short_text(prompt),
+                    n - layout.max_length,
+                )
         return tokens
 
     @torch.inference_mode()
-    def encode(self, prompts: str | Sequence[str], images: Sequence, *,
-               device: torch.device | str | None = None) -> TextEncoderOutput:
+    def encode(
+        self, prompts: str | Sequence[str], images: Sequence, *, device: torch.device | str | None = None
+    ) -> TextEncoderOutput:
         """Encode B prompts, each with its reference image (PIL RGB, the original file, not the crop).
 
         Returns:
@@ -120,14 +147,25 @@ class LlavaTextEncoder(nn.Module):
         # 2. Pre-expanded image tokens (B, 934), as transformers 4.39 merged them
         ex_ids, ex_mask, positions = expand_image_tokens(ids, mask, self.layout, self.image_token_id)
         # 3. LLaVA forward; the state `skip` layers before the last (no final norm): (B, 934, D)
-        outputs = self.model(input_ids=ex_ids.to(device), attention_mask=ex_mask.to(device),
-                             position_ids=positions.to(device), pixel_values=pixels.to(device, self.dtype),
-                             output_hidden_states=True, use_cache=False)
+        outputs = self.model(
+            input_ids=ex_ids.to(device),
+            attention_mask=ex_mask.to(device),
+            position_ids=positions.to(device),
+            pixel_values=pixels.to(device, self.dtype),
+            output_hidden_states=True,
+            use_cache=False,
+        )
         hidden = outputs.hidden_states[-(self.hidden_state_skip_layer + 1)]
         # 4. [every k-th image token | the prompt, the final "\n\n" and padding]
-        states, out_mask = split_image_and_text(hidden, ids.to(device), mask.to(device), self.layout,
-                                                self.interleave)
+        states, out_mask = split_image_and_text(
+            hidden, ids.to(device), mask.to(device), self.layout, self.interleave
+        )
         # the ids behind those states, cut the same way (ids < 2^53 are exact in float64)
-        kept_ids = split_image_and_text(ex_ids[..., None].double().to(device), ids.to(device), mask.to(device),
-                                        self.layout, self.interleave)[0][..., 0].long()
+        kept_ids = split_image_and_text(
+            ex_ids[..., None].double().to(device),
+            ids.to(device),
+            mask.to(device),
+            self.layout,
+            self.interleave,
+        )[0][..., 0].long()
         return TextEncoderOutput(hidden_state=states, attention_mask=out_mask, input_ids=kept_ids)

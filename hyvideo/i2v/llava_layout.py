@@ -24,9 +24,7 @@ PROMPT_TEMPLATE_ENCODE_VIDEO_I2V = (
 )
 # The I2V repository's NEGATIVE_PROMPT_I2V (constants.py; i2v_spec names it without quoting it: this text is
 # our reading of that file, to be checked against it). Used only with --cfg-scale > 1.
-NEGATIVE_PROMPT_I2V = (
-    "deformation, a poor composition and deformed video, bad teeth, bad eyes, bad limbs"
-)
+NEGATIVE_PROMPT_I2V = "deformation, a poor composition and deformed video, bad teeth, bad eyes, bad limbs"
 ASSISTANT_HEADER_TOKENS = 4  # <|eot_id|> <|start_header_id|> assistant <|end_header_id|>
 IMAGE_TOKEN_INTERLEAVE = {"token_replace": 4, "latent_concat": 2}
 
@@ -67,7 +65,9 @@ def expand_image_tokens(
     at = layout.image_token_index
     found = (input_ids == image_token_id).nonzero()
     if found.shape[0] != input_ids.shape[0] or not bool((found[:, 1] == at).all()):
-        raise ValueError(f"each I2V prompt must hold exactly one <image> token at position {at}; check the template")
+        raise ValueError(
+            f"each I2V prompt must hold exactly one <image> token at position {at}; check the template"
+        )
     repeat = torch.ones(input_ids.shape[1], dtype=torch.long)
     repeat[at] = layout.image_tokens
     ids = input_ids.repeat_interleave(repeat.to(input_ids.device), dim=1)

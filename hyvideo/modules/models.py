@@ -150,8 +150,8 @@ class MMDoubleStreamBlock(nn.Module):
         """
         chunk = resolve_chunk_tokens(self.chunk_tokens, img.shape[1])
         if chunk < img.shape[1]:
-            return self._forward_chunked(img, txt, vec, freqs, key_mask=key_mask, backend=backend, chunk=chunk,
-                                         token_replace=token_replace)
+            return self._forward_chunked(img, txt, vec, freqs, key_mask=key_mask, backend=backend,
+                                         chunk=chunk, token_replace=token_replace)
         # 1. Modulation: (shift, scale, gate) for attention and for the MLP, per stream ((B, D), or
         #    (B, L_img, D) for the image stream under token replace)
         img_msa, img_mlp = token_modulations(self.img_mod, vec, token_replace, img.shape[1])
@@ -545,7 +545,8 @@ class HYVideoDiffusionTransformer(nn.Module):
         stop = num_double + len(self.single_blocks) if stop is None else stop
         # Double-stream blocks: separate image and text streams
         for block in itertools.islice(self.double_blocks, start, min(stop, num_double)):
-            img, txt = block(img, txt, vec, freqs, key_mask=key_mask, backend=backend, token_replace=token_replace)
+            img, txt = block(img, txt, vec, freqs, key_mask=key_mask, backend=backend,
+                             token_replace=token_replace)
         if stop <= num_double:
             return img, txt
         # Single-stream blocks over [img | txt]

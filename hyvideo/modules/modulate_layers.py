@@ -18,7 +18,7 @@ class ModulationOut(NamedTuple):
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (B, L, D) * (1 + scale) + shift, with shift/scale (B, D) broadcast over tokens, or per token (B, L, D).
+    """x (B, L, D) * (1 + scale) + shift, shift/scale (B, D) broadcast over tokens, or per token (B, L, D).
 
     Type promotion is deliberate: a float32 `x` (a LayerNorm output) with low-precision shift/scale gives a
     float32 result, as in the original under autocast (`1 + scale` itself stays in scale's dtype).
@@ -48,7 +48,8 @@ def per_token_modulation(mod: ModulationOut, first: ModulationOut, count: int, l
     """(B, L, D) triples: `first` for tokens [0, count), `mod` for [count, length)."""
     def rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         batch, dim = a.shape
-        return torch.cat((b[:, None].expand(batch, count, dim), a[:, None].expand(batch, length - count, dim)), 1)
+        first_rows = b[:, None].expand(batch, count, dim)
+        return torch.cat((first_rows, a[:, None].expand(batch, length - count, dim)), dim=1)
 
     return ModulationOut(*(rows(a, b) for a, b in zip(mod, first, strict=True)))
 

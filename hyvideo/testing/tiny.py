@@ -48,8 +48,8 @@ TINY_CLIP = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hid
                  bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 
 # LLaVA's vision tower at CLIP-336/14 geometry (576 patches) with tiny widths.
-TINY_CLIP_VISION = dict(image_size=336, patch_size=14, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, projection_dim=16)
+TINY_CLIP_VISION = dict(image_size=336, patch_size=14, hidden_size=16, intermediate_size=32,
+                        num_hidden_layers=2, num_attention_heads=2, projection_dim=16)
 # The CLIP-336 preprocessing of llava-llama-3-8b-v1_1-transformers (bicubic, OpenAI mean/std).
 CLIP_336_PROCESSOR = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
                           do_center_crop=True, resample=3, image_mean=[0.48145466, 0.4578275, 0.40821073],
@@ -117,13 +117,14 @@ def tiny_llava_config():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(**TINY_CLIP_VISION)
-    return LlavaConfig(vision_config=vision, text_config=LlamaConfig(**{**TINY_LLAMA, "max_position_embeddings": 1024}),
-                       image_token_index=128257, vision_feature_layer=-2, vision_feature_select_strategy="default",
+    text = LlamaConfig(**{**TINY_LLAMA, "max_position_embeddings": 1024})  # 934 expanded tokens
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=128257,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default",
                        projector_hidden_act="gelu", pad_token_id=128258)
 
 
 def write_llava(folder: Path, *, seed: int = 4) -> Path:
-    """The I2V text encoder folder: a tiny LLaVA, the real Llama-3 tokenizer (+ <image>), a CLIP-336 processor."""
+    """The I2V text encoder folder: tiny LLaVA, the real Llama-3 tokenizer (+ <image>), CLIP-336 processor."""
     from transformers import LlavaForConditionalGeneration
 
     from hyvideo.i2v.llava import _image_processor_class
@@ -139,7 +140,7 @@ def write_llava(folder: Path, *, seed: int = 4) -> Path:
 
 
 def write_tiny_i2v_checkpoints(root: str | Path) -> Path:
-    """Add the I2V tree: `root/{hunyuan-video-i2v-720p/{transformers,vae}, text_encoder_i2v}` (token replace)."""
+    """Add the tiny I2V tree: hunyuan-video-i2v-720p/{transformers,vae} (token replace), text_encoder_i2v."""
     root = Path(root)
     write_dit(root / "hunyuan-video-i2v-720p" / "transformers",
               TINY_DIT.with_updates(image_condition_type="token_replace"), seed=5)

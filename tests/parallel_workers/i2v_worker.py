@@ -28,7 +28,8 @@ def main() -> None:
     dit.enable_sequence_parallel(state)
     first_frame_tokens = []
     dit.double_blocks[0].register_forward_hook(
-        lambda mod, args, kwargs, out: first_frame_tokens.append(kwargs["token_replace"].tokens), with_kwargs=True
+        lambda mod, args, kwargs, out: first_frame_tokens.append(kwargs["token_replace"].tokens),
+        with_kwargs=True,
     )
     with torch.no_grad():
         outputs = {"dit": dit(**cases.dit_inputs())}
