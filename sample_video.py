@@ -15,8 +15,11 @@ from hyvideo.config import parse_args
 def main(argv: list[str] | None = None) -> int:
     configs = parse_args(argv, require_prompt=True)
     # Heavy imports only after the flags are known to be valid, so --help and bad flags answer at once.
-    from hyvideo.runner import run_cli
-
+    try:
+        from hyvideo.runner import run_cli
+    except KeyboardInterrupt:  # Ctrl-C while torch imports: nothing to clean up yet
+        print("sample_video.py: interrupted by SIGINT (Ctrl-C)", file=sys.stderr)
+        return 130
     return run_cli(configs)
 
 

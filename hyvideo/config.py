@@ -9,6 +9,7 @@ and marked `# Differs:` below.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -19,7 +20,6 @@ from hyvideo.constants import (
     HUNYUAN_VIDEO_CONFIG,
     PRECISIONS,
     PROMPT_TEMPLATE,
-    TEXT_ENCODERS,
     VAE_LATENT_CHANNELS,
     VAE_TYPES,
     DiTConfig,
@@ -49,6 +49,9 @@ from hyvideo.prompt_rewrite import API_KEY_ENV_VARS, REWRITE_MODES, RewriteConfi
 logger = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = ("auto", "fa3", "flash", "sage", "sdpa", "vanilla")
+# Differs: the original lists both encoders for every encoder flag; only these combinations work.
+PRIMARY_ENCODERS = ("llm",)
+SECONDARY_ENCODERS = ("clipL",)
 # Flags the original parses but never reads. We accept them so old commands keep working.
 NO_EFFECT_FLAGS = (
     "model_resolution",
@@ -61,6 +64,29 @@ NO_EFFECT_FLAGS = (
 DIT_SUBDIR = "hunyuan-video-t2v-720p"
 DIT_FILE = "mp_rank_00_model_states.pt"
 DIT_FP8_FILE = "mp_rank_00_model_states_fp8.pt"
+# VAE decode tiles overlap by 25 % of whole latents: 4 x the 884 VAE's 8x spatial / 4x temporal compression.
+VAE_TILE_SIZE_MULTIPLE = 32
+VAE_TILE_FRAMES_MULTIPLE = 16
+
+# Upper bounds that stop typos (an extra 0) long before they turn into hours of work or a killed process.
+# They are generous: the released model was trained up to 720x1280 and 129 frames.
+# 4096 px a side: 3.2x the largest trained side; a 4096x4096 image is ~65k tokens, about the 119k of the
+# largest trained video. 1025 frames: 8x the trained 129 (257 latent frames); RoPE extends but quality does
+# not. 1000 steps: the flow schedule has 1000 training timesteps, more steps only repeat them.
+# 64 videos per prompt (--num-videos x --batch-size): a whole grid of seeds in one run.
+MAX_VIDEO_SIDE = 4096
+MAX_VIDEO_LENGTH = 1025
+MAX_INFER_STEPS = 1000
+MAX_VIDEOS_PER_PROMPT = 64
+# Seeds: torch.Generator takes a 64-bit value; under torchrun rank 0's seed travels as an int64, so every
+# seed of a run (--seed ... --seed + videos - 1) must lie in [0, 2**63).
+SEED_LIMIT = 2**63
+EXAMPLES = """examples:
+  python sample_video.py --prompt "A cat walks on the grass, realistic style." --video-size 544 960 \\
+      --video-length 129 --seed 42 --model-base ckpts
+  python sample_video.py --prompt-file prompts.txt --video-size 720 1280 --use-cpu-offload --use-fp8 \\
+      --save-path ./results
+"""
 
 # --------------------------------------------------------------------------------------------------
 # Typed configuration
@@ -110,6 +136,10 @@ class ModelConfig:
     dit_chunk_tokens: int | None = None  # --dit-chunk-tokens: None automatic, 0 off (hyvideo/lowmem/chunking.py)
     dit_subdir: str = DIT_SUBDIR  # the DiT + VAE folder under model_base (I2V: hunyuan-video-i2v-720p)
     text_encoder_subdir: str = "text_encoder"  # I2V: text_encoder_i2v (the whole LLaVA)
+    # --vae-tile-size / --vae-tile-frames: VAE decode tile in pixels / frames; None: the VAE config.json's
+    # sample_size / sample_tsize (the released VAE's 256 px / 64 frames).
+    vae_tile_size: int | None = None
+    vae_tile_frames: int | None = None
 
     @property
     def dit_weight_path(self) -> Path:
@@ -160,8 +190,9 @@ class RuntimeConfig:
     disable_autocast: bool
     offload_mode: str  # "none", "model", "block" or "sequential" (see hyvideo/lowmem/offload.py)
     plan_memory: float | None  # --plan-memory: print the memory plan (for a card of this many GiB) and exit
-    ulysses_degree: int
-    ring_degree: int
+    # None (both): chosen from the world size at launch (hyvideo/parallel/layout.py)
+    ulysses_degree: int | None
+    ring_degree: int | None
     crf: int
     save_latents: bool
     decode_latents: Path | None
@@ -169,10 +200,21 @@ class RuntimeConfig:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    memory_check: bool = True  # refuse runs estimated not to fit the device (off: --no-memory-check)
+    cfg_parallel: bool = False  # --cfg-parallel: the two guidance branches on two halves of the processes
+    shard_weights: bool = False  # --shard-weights: FSDP2-shard the DiT over all processes
+    local_world_size: int = 1  # processes on this node (torchrun's LOCAL_WORLD_SIZE)
+
+    @property
+    def auto_layout(self) -> bool:
+        """No degree was given: the layout is chosen from the world size and the DiT's head count."""
+        return self.ulysses_degree is None and self.ring_degree is None
 
     @property
     def sequence_parallel_degree(self) -> int:
-        return self.ulysses_degree * self.ring_degree
+        if self.auto_layout:
+            return self.world_size // (2 if self.cfg_parallel else 1)
+        return (self.ulysses_degree or 1) * (self.ring_degree or 1)
 
     @property
     def is_main_process(self) -> bool:
@@ -202,6 +244,7 @@ class LaunchEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
 
     @property
     def under_launcher(self) -> bool:
@@ -225,23 +268,42 @@ def _env_int(name: str, default: int) -> int:
 
 def launch_env() -> LaunchEnv:
     """RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them (each process of a launch gets its own)."""
+    world_size = _env_int("WORLD_SIZE", 1)
     return LaunchEnv(
-        rank=_env_int("RANK", 0), world_size=_env_int("WORLD_SIZE", 1), local_rank=_env_int("LOCAL_RANK", 0)
+        rank=_env_int("RANK", 0), world_size=world_size, local_rank=_env_int("LOCAL_RANK", 0),
+        local_world_size=_env_int("LOCAL_WORLD_SIZE", world_size),
     )
 
 
-def parallel_layout_errors(ulysses_degree: int, ring_degree: int, env: LaunchEnv) -> list[str]:
-    """Problems with --ulysses-degree x --ring-degree against the number of launched processes."""
-    degree = ulysses_degree * ring_degree
+def parallel_layout_errors(
+    ulysses_degree: int | None, ring_degree: int | None, env: LaunchEnv, *, cfg_parallel: bool = False
+) -> list[str]:
+    """Problems with --ulysses-degree x --ring-degree (x 2 with --cfg-parallel) against the process count.
+
+    No degree at all: the layout is chosen at launch (only --cfg-parallel's even split is checked here);
+    one degree given: the other is 1.
+    """
+    cfg = 2 if cfg_parallel else 1
+    if ulysses_degree is None and ring_degree is None:
+        if env.world_size % cfg == 0 and (env.under_launcher or not cfg_parallel):
+            return []
+        return [f"--cfg-parallel puts the two guidance branches on two halves of the processes: launch an "
+                f"even number of them (torchrun --nproc_per_node=2 or more), not {env.world_size}"]
+    ulysses_degree, ring_degree = ulysses_degree or 1, ring_degree or 1
+    degree = ulysses_degree * ring_degree * cfg
     if degree == env.world_size or min(ulysses_degree, ring_degree) < 1:
         return []
+    product = f"--ulysses-degree {ulysses_degree} x --ring-degree {ring_degree}" + (
+        " x 2 (--cfg-parallel)" if cfg_parallel else "")
     if not env.under_launcher:
-        return [f"--ulysses-degree {ulysses_degree} x --ring-degree {ring_degree} = {degree} needs {degree} "
-                f"processes: launch with torchrun --nproc_per_node={degree} sample_video.py ..."]
-    return [f"--ulysses-degree {ulysses_degree} x --ring-degree {ring_degree} = {degree}, but torchrun "
-            f"launched {env.world_size} processes: choose degrees whose product is {env.world_size} (e.g. "
-            f"--ulysses-degree {env.world_size} --ring-degree 1, or --ring-degree {env.world_size} for any "
-            f"head count) or launch with --nproc_per_node={degree}"]
+        return [f"{product} = {degree} needs {degree} processes: launch with torchrun "
+                f"--nproc_per_node={degree} sample_video.py ... (or give no degree: they are then chosen "
+                f"from the process count)"]
+    per_branch = env.world_size // cfg
+    return [f"{product} = {degree}, but torchrun launched {env.world_size} processes: choose degrees whose "
+            f"product is {per_branch} (e.g. --ulysses-degree {per_branch} --ring-degree 1, or --ring-degree "
+            f"{per_branch} for any head count), give no degree to have them chosen, or launch with "
+            f"--nproc_per_node={degree}"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,7 +352,7 @@ def _add_extra_models_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=True,
                        help="Decode the video in overlapping tiles (default on; --no-vae-tiling needs far "
                             "more memory).")
-    group.add_argument("--text-encoder", type=str, default="llm", choices=TEXT_ENCODERS,
+    group.add_argument("--text-encoder", type=str, default="llm", choices=PRIMARY_ENCODERS,
                        help="Primary text encoder (only llm is supported).")
     group.add_argument("--text-encoder-precision", type=str, default="fp16", choices=PRECISIONS,
                        help="Primary text encoder dtype.")
@@ -298,7 +360,7 @@ def _add_extra_models_args(parser: argparse.ArgumentParser) -> None:
                        help="Hidden size of the primary text encoder (DiT txt_in input).")
     group.add_argument("--text-len", type=int, default=256,
                        help="LLM tokens kept after the prompt-template crop.")
-    group.add_argument("--tokenizer", type=str, default="llm", choices=TEXT_ENCODERS,
+    group.add_argument("--tokenizer", type=str, default="llm", choices=PRIMARY_ENCODERS,
                        help="Tokenizer of the primary text encoder.")
     group.add_argument("--prompt-template", type=str, default="dit-llm-encode",
                        choices=list(PROMPT_TEMPLATE), help="Template for 1-frame (image) output.")
@@ -308,13 +370,13 @@ def _add_extra_models_args(parser: argparse.ArgumentParser) -> None:
                        help="Use the LLM hidden state this many layers before the last.")
     group.add_argument("--apply-final-norm", action="store_true",
                        help="Apply the LLM's final norm to the selected hidden state.")
-    group.add_argument("--text-encoder-2", type=str, default="clipL", choices=TEXT_ENCODERS,
+    group.add_argument("--text-encoder-2", type=str, default="clipL", choices=SECONDARY_ENCODERS,
                        help="Secondary (pooled) text encoder (only clipL is supported).")
     group.add_argument("--text-encoder-precision-2", type=str, default="fp16", choices=PRECISIONS,
                        help="Secondary text encoder dtype.")
     group.add_argument("--text-states-dim-2", type=int, default=768,
                        help="Pooled size of the secondary text encoder (DiT vector_in input).")
-    group.add_argument("--tokenizer-2", type=str, default="clipL", choices=TEXT_ENCODERS,
+    group.add_argument("--tokenizer-2", type=str, default="clipL", choices=SECONDARY_ENCODERS,
                        help="Tokenizer of the secondary text encoder.")
     group.add_argument("--text-len-2", type=int, default=77, help="CLIP max tokens.")
 
@@ -410,9 +472,24 @@ def _add_inference_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Parallel args")
-    group.add_argument("--ulysses-degree", type=int, default=1, help="Ulysses sequence-parallel degree.")
+    # Differs: default None, not 1: with neither degree given, torchrun's process count is split
+    # automatically (1 x 1 in one process, as before); one degree given leaves the other at 1.
+    group.add_argument("--ulysses-degree", type=int, default=None,
+                       help="Ulysses sequence-parallel degree (default: chosen from the process count).")
     # Differs: the original's help text says "Ulysses degree".
-    group.add_argument("--ring-degree", type=int, default=1, help="Ring-attention sequence-parallel degree.")
+    group.add_argument("--ring-degree", type=int, default=None,
+                       help="Ring-attention sequence-parallel degree (default: chosen from the process "
+                            "count).")
+
+
+def _add_multigpu_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Multi-GPU args (torchrun)")
+    group.add_argument("--cfg-parallel", action="store_true",
+                       help="With --cfg-scale > 1: half of the processes denoise the negative prompt, half "
+                            "the positive; velocities are combined after each step (2 x U x R processes).")
+    group.add_argument("--shard-weights", action="store_true",
+                       help="Shard the DiT's weights over all processes (PyTorch FSDP2): "
+                            "each GPU holds ~1/N of them and gathers a block just before it runs.")
 
 
 def _add_rewrite_args(parser: argparse.ArgumentParser) -> None:
@@ -568,6 +645,30 @@ def _add_memory_args(parser: argparse.ArgumentParser) -> None:
                        help="Run the DiT's per-token work (MLPs, projections, final layer) N tokens at a "
                             "time: same maths, a fraction of the activation memory. Default: automatic "
                             "(chunks of at most 8192 tokens); 0: off.")
+    group.add_argument("--vae-tile-size", type=int, default=None, metavar="PX",
+                       help="VAE decode tile edge in pixels, a multiple of "
+                            f"{VAE_TILE_SIZE_MULTIPLE} (default: the VAE's own, 256). Smaller tiles need less "
+                            "memory; tiles overlap by 25 %% and are blended as in the original.")
+    group.add_argument("--vae-tile-frames", type=int, default=None, metavar="N",
+                       help="VAE decode tile length in frames, a multiple of "
+                            f"{VAE_TILE_FRAMES_MULTIPLE} (default: the VAE's own, 64).")
+
+
+def vae_tile_errors(args: argparse.Namespace) -> list[str]:
+    """Problems with --vae-tile-size / --vae-tile-frames, one line each."""
+    errors = []
+    # A tile must overlap its neighbour by 25 % of whole latents, so its latent length must be a multiple
+    # of 4: 4 x the 8x spatial / 4x temporal compression of the 884 VAE.
+    for flag, value, multiple, unit, ratio in (
+        ("--vae-tile-size", args.vae_tile_size, VAE_TILE_SIZE_MULTIPLE, "px", "8x spatial"),
+        ("--vae-tile-frames", args.vae_tile_frames, VAE_TILE_FRAMES_MULTIPLE, "frames", "4x temporal"),
+    ):
+        if value is not None and (value < multiple or value % multiple):
+            errors.append(f"{flag} must be a positive multiple of {multiple} {unit} (4 x the VAE's {ratio} "
+                          f"compression, so that tiles overlap by whole latents), got {value}")
+        elif value is not None and not args.vae_tiling:
+            errors.append(f"{flag} sets the decode tiles: drop --no-vae-tiling")
+    return errors
 
 
 def memory_args_errors(args: argparse.Namespace) -> list[str]:
@@ -576,22 +677,35 @@ def memory_args_errors(args: argparse.Namespace) -> list[str]:
     if args.dit_chunk_tokens is not None and args.dit_chunk_tokens < 0:
         errors.append(f"--dit-chunk-tokens must be 0 (off) or a positive token count, "
                       f"got {args.dit_chunk_tokens}")
-    return errors
+    return errors + vae_tile_errors(args)
+
+
+def _add_reliability_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Safety checks")
+    group.add_argument("--no-memory-check", action="store_true",
+                       help="Start even when the estimated peak memory exceeds what the device has free.")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default and keeps the examples' line breaks."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineErrorParser(description="HunyuanVideo inference script")
+    parser = _OneLineErrorParser(description="HunyuanVideo inference script", epilog=EXAMPLES,
+                                 formatter_class=_HelpFormatter)
     _add_network_args(parser)
     _add_extra_models_args(parser)
     _add_denoise_schedule_args(parser)
     _add_inference_args(parser)
     _add_parallel_args(parser)
+    _add_multigpu_args(parser)
     _add_rewrite_args(parser)
     _add_cache_args(parser)
     _add_lora_args(parser)
     _add_speed_args(parser)
     _add_memory_args(parser)
     _add_i2v_args(parser)
+    _add_reliability_args(parser)
     return parser
 
 
@@ -696,9 +810,9 @@ def validation_errors(args: argparse.Namespace) -> list[str]:
     positive = ("infer_steps", "num_videos", "batch_size", "ulysses_degree", "ring_degree", "text_len",
                 "text_len_2", "rope_theta", "text_states_dim", "text_states_dim_2")
     for name in positive:
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.flow_shift is not None and args.flow_shift <= 0:
+    if args.flow_shift is not None and math.isfinite(args.flow_shift) and args.flow_shift <= 0:
         errors.append(f"--flow-shift must be > 0, got {args.flow_shift}")
     if args.hidden_state_skip_layer < 0:
         errors.append(f"--hidden-state-skip-layer must be >= 0, got {args.hidden_state_skip_layer}")
@@ -707,10 +821,6 @@ def validation_errors(args: argparse.Namespace) -> list[str]:
     if args.latent_channels != VAE_LATENT_CHANNELS[args.vae]:
         errors.append(f"--latent-channels {args.latent_channels} must match the VAE's "
                       f"{VAE_LATENT_CHANNELS[args.vae]} channels of --vae {args.vae}")
-    if args.text_encoder != "llm" or args.tokenizer != "llm":
-        errors.append("--text-encoder/--tokenizer: only 'llm' is supported as the primary encoder")
-    if args.text_encoder_2 != "clipL" or args.tokenizer_2 != "clipL":
-        errors.append("--text-encoder-2/--tokenizer-2: only 'clipL' is supported as the secondary encoder")
     if args.prompt is not None and args.prompt_file is not None:
         errors.append("--prompt and --prompt-file are mutually exclusive: give one")
     if args.prompt is not None and not args.prompt.strip():
@@ -726,11 +836,39 @@ def validation_errors(args: argparse.Namespace) -> list[str]:
     if problem:
         errors.append(f"--attn-backend {args.attn_backend}: {problem}")
     errors += memory_args_errors(args)
-    try:
-        errors += parallel_layout_errors(args.ulysses_degree, args.ring_degree, launch_env())
-    except ValueError as exc:
-        errors.append(str(exc))
+    errors += reliability_errors(args)
+    errors += multigpu_errors(args)
     return errors + cache_flag_errors(args)
+
+
+def multigpu_errors(args: argparse.Namespace) -> list[str]:
+    """Problems with the parallel layout and the multi-GPU flags (each rank decides alike)."""
+    try:
+        env = launch_env()
+    except ValueError as exc:
+        return [str(exc)]
+    errors = parallel_layout_errors(args.ulysses_degree, args.ring_degree, env,
+                                    cfg_parallel=args.cfg_parallel)
+    if args.cfg_parallel and args.cfg_scale <= 1.0:
+        errors.append(f"--cfg-parallel splits the two classifier-free-guidance branches, but --cfg-scale "
+                      f"{args.cfg_scale:g} runs only one: add --cfg-scale > 1 or drop --cfg-parallel")
+    if args.shard_weights and not env.under_launcher:
+        errors.append("--shard-weights shards the DiT over the processes of a torchrun launch; one process "
+                      "has nothing to share it with: launch with torchrun --nproc_per_node=N or drop it")
+    if args.shard_weights and resolve_offload_mode(args) in ("block", "sequential"):
+        errors.append(f"--shard-weights keeps each GPU's share of the DiT resident, which --offload-mode "
+                      f"{resolve_offload_mode(args)} (or --use-cpu-offload) contradicts: use --offload-mode "
+                      f"model (text encoders and VAE loaded per stage) or none")
+    together = [flag for flag, on in (("--lora", args.lora), ("--compile", args.compile),
+                                      ("--fp8-gemm", args.fp8_gemm)) if on]
+    if args.shard_weights and together:
+        errors.append(f"--shard-weights has not been tested with {', '.join(together)} (they change the "
+                      f"DiT's layers that FSDP2 shards): drop one of them")
+    if args.cfg_parallel and args.cache in ("teacache", "fbcache"):
+        errors.append(f"--cache {args.cache} decides from each branch's own values, so the two --cfg-parallel "
+                      f"halves would skip different steps: use --cache magcache (decided by the step alone) "
+                      f"or drop --cfg-parallel")
+    return errors
 
 
 def cache_flag_errors(args: argparse.Namespace) -> list[str]:
@@ -770,6 +908,35 @@ def cache_config_from_args(args: argparse.Namespace) -> CacheConfig:
     return _cache_settings(args, ratios)
 
 
+def reliability_errors(args: argparse.Namespace) -> list[str]:
+    """Values no run can use: non-finite numbers, sizes and counts beyond the bounds, seeds out of range."""
+    errors = []
+    for name in ("cfg_scale", "embedded_cfg_scale", "flow_shift"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):  # --flow-shift None: 7.0 or 17.0 (i2v)
+            errors.append(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if len(args.video_size) in (1, 2) and max(args.video_size) > MAX_VIDEO_SIDE:
+        errors.append(f"--video-size must be at most {MAX_VIDEO_SIDE} pixels a side (the model was trained "
+                      f"up to 720x1280), got {' '.join(map(str, args.video_size))}")
+    if args.video_length > MAX_VIDEO_LENGTH:
+        errors.append(f"--video-length must be at most {MAX_VIDEO_LENGTH} frames (trained: 129), "
+                      f"got {args.video_length}")
+    if args.infer_steps > MAX_INFER_STEPS:
+        errors.append(f"--infer-steps must be at most {MAX_INFER_STEPS} (the schedule has 1000 timesteps), "
+                      f"got {args.infer_steps}")
+    videos = args.num_videos * args.batch_size
+    if videos > MAX_VIDEOS_PER_PROMPT:
+        errors.append(f"--num-videos x --batch-size must be at most {MAX_VIDEOS_PER_PROMPT} videos per "
+                      f"prompt, got {args.num_videos} x {args.batch_size}; run several commands instead")
+    if args.seed is not None and not 0 <= args.seed <= SEED_LIMIT - max(videos, 1):
+        errors.append(f"--seed must be in [0, 2**63 - {max(videos, 1)}] so that the seeds of all "
+                      f"{max(videos, 1)} video(s) (seed, seed+1, ...) fit 63 bits, got {args.seed}; omit "
+                      "--seed for a random one")
+    if not args.save_path.strip():
+        errors.append("--save-path is empty: give an output directory (default ./results)")
+    return errors
+
+
 def video_hw(video_size: list[int] | tuple[int, ...]) -> tuple[int, int]:
     return (video_size[0], video_size[0]) if len(video_size) == 1 else (video_size[0], video_size[1])
 
@@ -777,9 +944,17 @@ def video_hw(video_size: list[int] | tuple[int, ...]) -> tuple[int, int]:
 def read_prompt_file(path: str) -> tuple[str, ...]:
     """One prompt per line; blank lines and lines starting with '#' are skipped."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ValueError(f"--prompt-file {path}: cannot read it ({exc.strerror})") from exc
+    try:
+        text = data.decode("utf-8-sig")  # a UTF-8 BOM (Windows Notepad) is fine
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:  # UTF-16 text decodes to NUL-ridden garbage or not at all
+        raise ValueError(f"--prompt-file {path}: not a UTF-8 text file (binary or UTF-16?); save it as UTF-8 "
+                         "with one prompt per line")
+    lines = text.splitlines()
     prompts = tuple(s.strip() for s in lines if s.strip() and not s.strip().startswith("#"))
     if not prompts:
         raise ValueError(f"--prompt-file {path}: no prompts in it (one prompt per line)")
@@ -808,7 +983,8 @@ def configs_from_args(args: argparse.Namespace) -> Configs:
         text_encoder_2=args.text_encoder_2, text_encoder_precision_2=args.text_encoder_precision_2,
         tokenizer_2=args.tokenizer_2, text_len_2=args.text_len_2, loras=lora_specs(args)[0],
         compile=args.compile, compile_mode=args.compile_mode, fp8_gemm=args.fp8_gemm,
-        dit_chunk_tokens=args.dit_chunk_tokens, **i2v_model_paths(args),
+        dit_chunk_tokens=args.dit_chunk_tokens, vae_tile_size=args.vae_tile_size,
+        vae_tile_frames=args.vae_tile_frames, **i2v_model_paths(args),
     )
     if args.prompt_file is not None:
         prompts = read_prompt_file(args.prompt_file)
@@ -832,7 +1008,12 @@ def configs_from_args(args: argparse.Namespace) -> Configs:
         ring_degree=args.ring_degree, crf=args.crf, save_latents=args.save_latents,
         decode_latents=Path(args.decode_latents) if args.decode_latents else None,
         rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
+        memory_check=not args.no_memory_check,
+        cfg_parallel=args.cfg_parallel, shard_weights=args.shard_weights,
+        local_world_size=env.local_world_size,
     )
+    if runtime.auto_layout and not env.under_launcher:  # one process: 1 x 1, recorded as before
+        runtime = dataclasses.replace(runtime, ulysses_degree=1, ring_degree=1)
     return Configs(model=model, sampling=sampling, runtime=runtime, rewrite=rewrite_config_from_args(args),
                    cache=cache_config_from_args(args), i2v=i2v)
 
@@ -844,6 +1025,9 @@ def announce_adjustments(args: argparse.Namespace) -> None:
         aligned = (-(-height // 16) * 16, -(-width // 16) * 16)
         logger.warning("--video-size %dx%d is not a multiple of 16; it will be rounded up to %dx%d",
                        height, width, *aligned)
+    if args.neg_prompt is not None and not args.cfg_scale > 1.0:
+        logger.warning("--neg-prompt has no effect without --cfg-scale > 1 (got %g): the negative branch "
+                       "only runs with classifier-free guidance", args.cfg_scale)
     defaults = build_parser().parse_args([])
     if args.i2v_mode:
         if tuple(args.video_size) != tuple(defaults.video_size):
@@ -872,6 +1056,102 @@ def parse_args(argv: list[str] | None = None, *, require_prompt: bool = False) -
         announce_adjustments(args)
     try:
         return configs_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    raise AssertionError("unreachable")  # parser.error exits
+
+
+# --------------------------------------------------------------------------------------------------
+# Server (gradio_server.py): the sampling flags above are the defaults of every job
+# --------------------------------------------------------------------------------------------------
+
+SERVER_TOKEN_ENV = "HYVIDEO_SERVER_TOKEN"  # bearer token for /v1 and the page's login; never a flag
+DEFAULT_SERVER_NAME = "127.0.0.1"  # Differs: the original binds 0.0.0.0 (every interface, no auth)
+DEFAULT_SERVER_PORT = 8081
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one request may ask for; larger requests get a 4xx answer, never a job."""
+
+    max_steps: int = 100
+    max_side: int = 1280  # pixels, height and width each
+    max_frames: int = 129
+    max_videos: int = 4  # videos per job
+    max_queue: int = 32  # jobs queued or running at once
+    max_prompt_chars: int = 2000
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where the server listens, who may use it, and the limits of a job."""
+
+    host: str
+    port: int
+    token: str | None  # from $HYVIDEO_SERVER_TOKEN; None: no authentication
+    limits: ServerLimits
+    model_base_given: bool  # False: --model-base was left at its default (tiny-tree fallback allowed)
+
+
+def _add_server_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Server args (gradio_server.py)")
+    group.add_argument("--server-name", type=str, default=None,
+                       help=f"Interface to bind (default: $SERVER_NAME or {DEFAULT_SERVER_NAME}; 0.0.0.0 "
+                            f"exposes the server to the network: set ${SERVER_TOKEN_ENV} then).")
+    group.add_argument("--server-port", type=int, default=None,
+                       help=f"Port (default: $SERVER_PORT or {DEFAULT_SERVER_PORT}).")
+    limits = ServerLimits()
+    for name, help_text in (("max_steps", "denoising steps"), ("max_side", "pixels of height or width"),
+                            ("max_frames", "frames"), ("max_videos", "videos per job"),
+                            ("max_queue", "jobs queued or running at once"),
+                            ("max_prompt_chars", "characters of a prompt")):
+        group.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(limits, name),
+                           help=f"Largest number of {help_text} a request may ask for.")
+
+
+def build_server_parser() -> argparse.ArgumentParser:
+    """The CLI's flags (defaults of every job) plus the server's own."""
+    parser = build_parser()
+    parser.description = "HunyuanVideo web page and /v1/videos API"
+    # Parity: the original's page writes to ./gradio_outputs.
+    parser.set_defaults(save_path="./gradio_outputs")
+    _add_server_args(parser)
+    return parser
+
+
+def server_validation_errors(args: argparse.Namespace) -> list[str]:
+    errors = []
+    for name in ("max_steps", "max_side", "max_frames", "max_videos", "max_queue", "max_prompt_chars"):
+        if getattr(args, name) < 1:
+            errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.server_port is not None and not 0 < args.server_port < 65536:
+        errors.append(f"--server-port must be between 1 and 65535, got {args.server_port}")
+    return errors
+
+
+def parse_server_args(argv: list[str] | None = None) -> tuple[Configs, ServerConfig]:
+    """Parse gradio_server.py's command line; bad values exit with status 2 and a one-line message."""
+    parser = build_server_parser()
+    args = parser.parse_args(argv)
+    errors = validation_errors(args) + server_validation_errors(args)
+    port = args.server_port
+    if port is None:
+        raw = os.environ.get("SERVER_PORT", "").strip() or str(DEFAULT_SERVER_PORT)
+        port = int(raw) if raw.isdigit() else -1
+        if not 0 < port < 65536:
+            errors.append(f"environment variable SERVER_PORT={raw!r} is not a port number (1-65535)")
+    if errors:
+        parser.error("; ".join(errors))
+    limits = ServerLimits(max_steps=args.max_steps, max_side=args.max_side, max_frames=args.max_frames,
+                          max_videos=args.max_videos, max_queue=args.max_queue,
+                          max_prompt_chars=args.max_prompt_chars)
+    server = ServerConfig(
+        host=args.server_name or os.environ.get("SERVER_NAME", "").strip() or DEFAULT_SERVER_NAME,
+        port=port, token=os.environ.get(SERVER_TOKEN_ENV, "").strip() or None, limits=limits,
+        model_base_given=args.model_base != build_parser().get_default("model_base"),
+    )
+    try:
+        return configs_from_args(args), server
     except ValueError as exc:
         parser.error(str(exc))
     raise AssertionError("unreachable")  # parser.error exits

@@ -4,10 +4,12 @@
 checkpoint layout; `HunyuanVideoSampler.predict` turns one prompt into videos with the original's
 semantics (seeds, size alignment, negative prompt), fixing what crashed there (several videos per prompt).
 
-Under torchrun (`--ulysses-degree U --ring-degree R`, U x R processes) every rank loads every component and
-calls `predict` with the same arguments; the components share one `SequenceParallelState` (from
-`init_parallel`), which splits the DiT's image tokens and the VAE's decode tiles over the ranks. Every rank
-returns the same videos; only the main process should save them.
+Under torchrun (`--ulysses-degree U --ring-degree R`, U x R processes, or no degree: chosen from the process
+count) every rank loads every component and calls `predict` with the same arguments; the components share one
+`ParallelGroups` (from `init_parallel`): its sequence group splits the DiT's image tokens (and, with
+--shard-weights, its weights), all ranks split the VAE's decode tiles, and with --cfg-parallel the two
+guidance branches run on two halves of the ranks. Every rank returns the same videos; only the main process should
+save them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,8 +27,16 @@ from hyvideo.config import DIT_FILE, Configs, ModelConfig, RuntimeConfig
 from hyvideo.constants import PRECISION_TO_TYPE, PROMPT_TEMPLATE, DiTConfig
 from hyvideo.diffusion import FlowMatchDiscreteScheduler
 from hyvideo.diffusion.pipelines import HunyuanVideoPipeline
-from hyvideo.parallel import SequenceParallelState, broadcast_seed, check_num_heads, init_sequence_parallel
+from hyvideo.parallel import SequenceParallelState, broadcast_seed, check_num_heads
 from hyvideo.parallel.groups import default_device
+from hyvideo.parallel.layout import (
+    ParallelGroups,
+    ParallelLayout,
+    as_parallel_groups,
+    choose_layout,
+    given_layout,
+    init_parallel_groups,
+)
 from hyvideo.utils.data_utils import align_to
 
 logger = logging.getLogger(__name__)
@@ -43,14 +53,43 @@ def require_path(path: Path, what: str) -> Path:
 
 
 def resolve_dit_config(preset: DiTConfig, weight_path: Path) -> DiTConfig:
-    """The --model preset, unless a `dit_config.json` beside the weights describes another architecture."""
+    """The architecture described beside the weights, else the --model preset.
+
+    Looked for, in order: our `dit_config.json`, then diffusers' own `config.json` (a
+    HunyuanVideoTransformer3DModel folder as `save_pretrained` writes it, or its `transformer/` subfolder).
+    The log says which was used, and when both exist but disagree, which one won.
+    """
+    from hyvideo.modules.loading import dit_config_from_diffusers, find_diffusers_dit_config
+
     folder = weight_path if weight_path.is_dir() else weight_path.parent
-    config_file = folder / DIT_CONFIG_FILE
-    if not config_file.is_file():
-        return preset
-    values = json.loads(config_file.read_text(encoding="utf-8"))
-    logger.info("DiT architecture from %s", config_file)
-    return DiTConfig.from_dict(values)
+    ours, theirs = folder / DIT_CONFIG_FILE, find_diffusers_dit_config(weight_path)
+    diffusers_config = None
+    if theirs is not None:
+        diffusers_config = dit_config_from_diffusers(_read_json(theirs), str(theirs))
+    if ours.is_file():
+        try:
+            config = DiTConfig.from_dict(_read_json(ours))
+        except TypeError as exc:  # a wrong value type inside the file
+            raise ValueError(f"{ours}: {exc}") from None
+        if diffusers_config is not None and diffusers_config != config:
+            logger.warning("%s and %s describe different DiT architectures; using %s", ours, theirs, ours)
+        logger.info("DiT architecture from %s", ours)
+        return config
+    if diffusers_config is not None:
+        logger.info("DiT architecture from diffusers' %s%s", theirs,
+                    "" if diffusers_config == preset else " (differs from the --model preset)")
+        return diffusers_config
+    return preset
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the DiT config {path}: {exc}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"the DiT config {path} is not a JSON object")
+    return values
 
 
 def draw_seed() -> int:
@@ -69,32 +108,47 @@ def agree_seed(seed: int | None, parallel: SequenceParallelState | None = None) 
     return local if parallel is None or not parallel.enabled else broadcast_seed(local, parallel)
 
 
-def init_parallel(runtime: RuntimeConfig) -> SequenceParallelState:
-    """The process group and U x R layout that `runtime` asks for (a no-op state for one process).
+def init_parallel(runtime: RuntimeConfig, layout: ParallelLayout | None = None) -> ParallelGroups:
+    """The process group and the groups of `layout` (default: the degrees in `runtime`, 1 x world when
+    they are left to be chosen, which suits work without the DiT such as decoding saved latents).
 
     Device: the accelerator with index LOCAL_RANK when there is one, else the CPU (gloo).
     """
-    return init_sequence_parallel(
-        runtime.ulysses_degree, runtime.ring_degree, rank=runtime.rank, world_size=runtime.world_size,
-        local_rank=runtime.local_rank,
-    )
+    if layout is None:
+        cfg = runtime.cfg_parallel
+        ring = runtime.world_size // (2 if cfg else 1) if runtime.auto_layout else runtime.ring_degree or 1
+        layout = given_layout(runtime.ulysses_degree or 1, ring, cfg_parallel=cfg)
+    return init_parallel_groups(layout, rank=runtime.rank, world_size=runtime.world_size,
+                                local_rank=runtime.local_rank)
 
 
-def check_parallel_layout(configs: Configs) -> None:
-    """Raise ValueError unless --ulysses-degree divides the DiT's head count (before any collective).
+def check_parallel_layout(configs: Configs) -> ParallelLayout:
+    """The layout this launch runs: chosen from the world size and the DiT's head count when no degree was
+    given, else the given one, checked (before any collective): Ulysses must divide the head count.
 
     The head count comes from the DiT that will be loaded (its dit_config.json, else the --model preset),
     so every rank reaches the same verdict from the same files.
     """
-    ulysses = configs.runtime.ulysses_degree
-    if ulysses == 1:
-        return
-    cfg = configs.model
-    dit_config = resolve_dit_config(cfg.dit, require_path(dit_weight_file(cfg), "DiT weights (--dit-weight)"))
-    try:
-        check_num_heads(dit_config.heads_num, ulysses)
-    except ValueError as exc:
-        raise ValueError(f"--ulysses-degree {ulysses}: {exc}") from None
+    runtime = configs.runtime
+    if runtime.auto_layout:
+        if runtime.world_size == 1:
+            return given_layout(1, 1)
+        # Logged with its reason once the groups exist (init_parallel).
+        return choose_layout(runtime.world_size, _dit_heads(configs.model),
+                             ranks_per_node=runtime.local_world_size, cfg_parallel=runtime.cfg_parallel)
+    ulysses = runtime.ulysses_degree or 1
+    layout = given_layout(ulysses, runtime.ring_degree or 1, cfg_parallel=runtime.cfg_parallel)
+    if ulysses > 1:
+        try:
+            check_num_heads(_dit_heads(configs.model), ulysses)
+        except ValueError as exc:
+            raise ValueError(f"--ulysses-degree {ulysses}: {exc}") from None
+    return layout
+
+
+def _dit_heads(cfg: ModelConfig) -> int:
+    path = require_path(dit_weight_file(cfg), "DiT weights (--dit-weight)")
+    return resolve_dit_config(cfg.dit, path).heads_num
 
 
 @dataclass
@@ -114,12 +168,15 @@ class Inference:
     """Holds the loaded components; `from_pretrained` builds them from a checkpoint tree."""
 
     def __init__(self, *, transformer, vae, text_encoder, text_encoder_2, model_config: ModelConfig,
-                 device: torch.device, parallel: SequenceParallelState | None = None, offload=None):
+                 device: torch.device, parallel: SequenceParallelState | ParallelGroups | None = None,
+                 offload=None):
         self.transformer, self.vae = transformer, vae
         self.offload = offload  # hyvideo.lowmem.offload.OffloadPlan, or None when everything is resident
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.model_config, self.device = model_config, device
-        self.parallel = parallel if parallel is not None and parallel.enabled else None
+        self.groups = as_parallel_groups(parallel) if parallel is not None else None
+        # All ranks (seed, initial noise, VAE tiles); None in one process.
+        self.parallel = self.groups.world if self.groups is not None and self.groups.enabled else None
 
     @property
     def is_main_process(self) -> bool:
@@ -128,26 +185,29 @@ class Inference:
 
     @classmethod
     def from_pretrained(cls, configs: Configs, *, device: torch.device | None = None,
-                        parallel: SequenceParallelState | None = None, **kwargs):
+                        parallel: SequenceParallelState | ParallelGroups | None = None, **kwargs):
         """Load every component from `configs.model.model_base` (or the paths it overrides).
 
-        `parallel`: the sequence-parallel state (`init_parallel(configs.runtime)`); when None and the
-        runtime asks for U x R > 1 processes, it is created here. Its device is the default device.
+        `parallel`: the parallel groups (`init_parallel(configs.runtime, check_parallel_layout(configs))`);
+        when None under torchrun, they are created here. Their device is the default device.
+        With --shard-weights each rank loads only its share of the DiT's weights (see
+        hyvideo/parallel/weight_sharding.py), straight onto `device`.
         """
-        cfg = configs.model
-        if parallel is None and configs.runtime.sequence_parallel_degree > 1:
-            check_parallel_layout(configs)
-            parallel = init_parallel(configs.runtime)
+        cfg, runtime = configs.model, configs.runtime
+        if parallel is None and runtime.world_size > 1:
+            parallel = init_parallel(runtime, check_parallel_layout(configs))
         if device is None:
             device = parallel.device if parallel is not None else default_device(local_rank=None)
-        offload_mode = configs.runtime.offload_mode
+        offload_mode = runtime.offload_mode
         # Under offload everything is loaded to the CPU first: a small card never holds all four models.
         load_device = device if offload_mode == "none" else torch.device("cpu")
         logger.info("Loading models from %s onto %s (offload: %s)", cfg.model_base, load_device, offload_mode)
         require_path(cfg.model_base, "checkpoint root (--model-base)")
         started = time.perf_counter()
+        shard_group = as_parallel_groups(parallel).world if runtime.shard_weights and parallel else None
         components = {
-            "transformer": load_transformer(cfg, load_device),
+            "transformer": load_transformer(cfg, device if shard_group else load_device,
+                                            shard_over=shard_group),
             "vae": load_vae_component(cfg, load_device),
             **load_text_encoders(cfg, load_device),
         }
@@ -159,7 +219,9 @@ class Inference:
         if offload_mode != "none":
             from hyvideo.lowmem.offload import apply_offload
 
-            offload = apply_offload(components, mode=offload_mode, device=device)
+            # A sharded DiT stays where its shards are; only the text encoders and the VAE move per stage.
+            staged = {**components, "transformer": None} if shard_group else components
+            offload = apply_offload(staged, mode=offload_mode, device=device)
         logger.info("Models loaded in %.1f s", time.perf_counter() - started)
         return cls(**components, model_config=cfg, device=device, parallel=parallel, offload=offload, **kwargs)
 
@@ -176,15 +238,24 @@ def dit_weight_file(cfg: ModelConfig) -> Path:
     return path
 
 
-def load_transformer(cfg: ModelConfig, device: torch.device):
+def load_transformer(
+    cfg: ModelConfig, device: torch.device, *, shard_over: SequenceParallelState | None = None
+):
+    """The DiT on `device`; with `shard_over` (--shard-weights) each rank holds only its FSDP2 shards."""
     from hyvideo.modules import load_dit
     from hyvideo.modules.fp8_optimization import load_fp8_dit
 
     path = require_path(dit_weight_file(cfg), "DiT weights (--dit-weight)")
     dit_config = resolve_dit_config(cfg.dit, path)
-    loader = load_fp8_dit if cfg.use_fp8 else load_dit
-    model = loader(dit_config, path, load_key=cfg.load_key, dtype=PRECISION_TO_TYPE[cfg.precision],
-                   device=device, attention_backend=cfg.attn_backend)
+    kwargs = dict(load_key=cfg.load_key, dtype=PRECISION_TO_TYPE[cfg.precision], device=device,
+                  attention_backend=cfg.attn_backend)
+    if shard_over is not None:
+        from hyvideo.parallel.weight_sharding import load_sharded_dit
+
+        model = load_sharded_dit(dit_config, path, shard_over, use_fp8=cfg.use_fp8, **kwargs)
+    else:
+        loader = load_fp8_dit if cfg.use_fp8 else load_dit
+        model = loader(dit_config, path, **kwargs)
     model.set_chunk_tokens(cfg.dit_chunk_tokens)
     return model
 
@@ -231,7 +302,16 @@ def load_vae_component(cfg: ModelConfig, device: torch.device):
     from hyvideo.vae import load_vae
 
     path = require_path(cfg.vae_path, "VAE folder")
-    return load_vae(path, dtype=PRECISION_TO_TYPE[cfg.vae_precision], device=device)
+    vae = load_vae(path, dtype=PRECISION_TO_TYPE[cfg.vae_precision], device=device)
+    if cfg.vae_tile_size is not None or cfg.vae_tile_frames is not None:
+        default = vae.tile_geometry  # the config.json's sample_size / sample_tsize
+        geometry = replace(
+            default, sample_size=cfg.vae_tile_size or default.sample_size,
+            sample_tsize=cfg.vae_tile_frames or default.sample_tsize,
+        )
+        vae.enable_tiling(geometry)  # tiling stays switchable per decode (--no-vae-tiling is refused with these)
+        logger.info("VAE decode tiles: %d px / %d frames", geometry.sample_size, geometry.sample_tsize)
+    return vae
 
 
 def load_text_encoders(cfg: ModelConfig, device: torch.device) -> dict:
@@ -268,7 +348,9 @@ class HunyuanVideoSampler(Inference):
     def __init__(self, *, use_autocast: bool = True, **components):
         super().__init__(**components)
         cfg = self.model_config
-        self.transformer.enable_sequence_parallel(self.parallel)  # checks U against the head count
+        groups = self.groups
+        # Checks U against the head count; the DiT splits its tokens over this rank's sequence group.
+        self.transformer.enable_sequence_parallel(groups.sequence if groups is not None else None)
         if cfg.compile:  # last: the model is final (offload hooks, sequence parallelism, fp8 layers)
             from hyvideo.modules.compile import compile_dit_blocks
 
@@ -278,6 +360,7 @@ class HunyuanVideoSampler(Inference):
             transformer=self.transformer, scheduler=FlowMatchDiscreteScheduler(),
             dit_dtype=PRECISION_TO_TYPE[cfg.precision], vae_dtype=PRECISION_TO_TYPE[cfg.vae_precision],
             use_autocast=use_autocast, parallel=self.parallel, offload=self.offload,
+            cfg_parallel=groups.cfg if groups is not None else None,
         )
         self._lora_stack = None
 
@@ -377,6 +460,7 @@ class HunyuanVideoSampler(Inference):
         cache=None,
         reference_image=None,
         i2v_stability: bool = False,
+        callback=None,
     ) -> PredictOutput:
         """Generate `num_videos_per_prompt` videos for one prompt; video i uses seed `seed + i`.
 
@@ -385,6 +469,8 @@ class HunyuanVideoSampler(Inference):
         settings (hyvideo.diffusion.cache.CacheConfig); None or policy "none" runs every block.
         `reference_image` (I2V, a PIL RGB image; needs an I2V DiT): it is resized and center-cropped to
         height x width (its bucket, see hyvideo.i2v.bucket_for_image) and becomes the first frame.
+        `callback(step_index, timestep, latents)` runs after every denoising step (progress, cancellation:
+        an exception raised there aborts the call before anything is decoded).
         """
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty: give a text prompt")
@@ -401,8 +487,8 @@ class HunyuanVideoSampler(Inference):
         # Parity: no negative prompt without CFG; the original's default negative prompt with CFG.
         negative = (negative_prompt or None) if guidance_scale > 1.0 else None
         self.pipeline.scheduler = FlowMatchDiscreteScheduler(shift=flow_shift, reverse=flow_reverse)
-        logger.info("Sampling %d video(s) of %dx%dx%d, %d steps, seeds %s", len(seeds), target_h, target_w,
-                    video_length, infer_steps, seeds)
+        logger.info("Sampling %d video(s) of %dx%dx%d (HxWxframes), %d steps, seeds %s", len(seeds), target_h,
+                    target_w, video_length, infer_steps, seeds)
         started = time.perf_counter()
         i2v = {}
         if reference_image is not None:
@@ -418,6 +504,7 @@ class HunyuanVideoSampler(Inference):
             generator=generators, data_type="video" if video_length > 1 else "image",
             output_type=output_type, enable_tiling=enable_tiling,
             show_progress=show_progress and self.is_main_process, cache=cache,
+            callback_on_step_end=callback,
         )
         elapsed = time.perf_counter() - started
         if reference_image is not None and out.videos is not None:

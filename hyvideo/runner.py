@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,10 +40,53 @@ logger = logging.getLogger(__name__)
 FPS = 24
 # Errors that come from what the user gave us (flags, files, paths): reported in one line, exit 2.
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError, ValueError)
+# Exit statuses after a signal: the shell's 128 + signal number (SIGINT 2 -> 130, SIGTERM 15 -> 143).
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+# Libraries whose INFO logs and loading progress bars only add noise to ours.
+QUIET_LOGGERS = ("transformers", "diffusers", "huggingface_hub", "urllib3", "httpx", "filelock", "PIL")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every cleanup path runs for it too."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+class OutputWriteError(ValueError):
+    """Writing a video's files failed (full disk, ffmpeg error); its partial files were removed."""
 
 
 def run_cli(configs: Configs) -> int:
-    """Run the sampler for the CLI; returns the process exit status."""
+    """Run the sampler for the CLI; returns the process exit status.
+
+    Ctrl-C and SIGTERM stop the run the same way: the ffmpeg writer is killed, partial files are removed,
+    one line is printed, and the status is 130 (SIGINT) or 143 (SIGTERM).
+    """
+    in_main_thread = _in_main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    try:
+        return _run_cli(configs)
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        if configs.runtime.local_rank == 0:
+            name = "SIGTERM" if terminated else "SIGINT (Ctrl-C)"
+            print(f"sample_video.py: interrupted by {name}; partial outputs were removed", file=sys.stderr,
+                  flush=True)
+        return EXIT_SIGTERM if terminated else EXIT_SIGINT
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _run_cli(configs: Configs) -> int:
     runtime = configs.runtime
     _setup_logging(runtime)
     if runtime.plan_memory is not None:
@@ -49,36 +94,39 @@ def run_cli(configs: Configs) -> int:
         return 0
     # 1. Checks every rank decides alike from the flags and files, before any collective: one message
     #    (local rank 0), status 2 on every rank.
+    layout = None  # decoding saved latents splits only the VAE tiles: every rank in one group
     loras: list = []
     try:
         save_dir = check_writable_dir(runtime.save_path)  # before minutes of model loading
         if runtime.decode_latents is None:
             from hyvideo.inference import check_parallel_layout, prepare_loras
 
-            check_parallel_layout(configs)
+            layout = check_parallel_layout(configs)  # chosen here when no degree was given
+            configs = dataclasses.replace(configs, runtime=dataclasses.replace(
+                runtime, ulysses_degree=layout.ulysses_degree, ring_degree=layout.ring_degree))
             loras = prepare_loras(configs.model)  # a LoRA that does not fit fails before any loading
-            reference_image(configs)  # --i2v-image-path: a bad image fails before any loading
+            configs = with_i2v_bucket(configs)  # a bad --i2v-image-path fails before any loading
+            from hyvideo.lowmem.memory_check import check_memory_fits
+
+            check_memory_fits(configs)  # before minutes of loading: refuse what cannot fit
     except USER_ERRORS as exc:
         return _report_user_error(exc, runtime, every_rank=False)
-    # 2. The process group, then the work; a failure from here on ends this rank at once.
-    return run_guarded(lambda: _work(configs, save_dir, loras), runtime)
+    # 2. The process groups, then the work; a failure from here on ends this rank at once.
+    return run_guarded(lambda: _work(configs, save_dir, layout, loras), runtime)
 
 
-def _work(configs: Configs, save_dir: Path, loras: list | None = None) -> None:
+def _work(configs: Configs, save_dir: Path, layout, loras: list | None = None) -> None:
     from hyvideo.inference import init_parallel
     from hyvideo.parallel import destroy
 
     runtime = configs.runtime
-    if not runtime.is_main_process:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # loading bars: the main process shows them
-    state = init_parallel(runtime)
+    _quiet_third_party()
+    groups = init_parallel(runtime, layout)  # every rank, its sequence group and its CFG branch
     if runtime.decode_latents is not None:
-        decode_saved_latents(configs, runtime.decode_latents, save_dir, parallel=state)
+        decode_saved_latents(configs, runtime.decode_latents, save_dir, parallel=groups.world)
     else:
-        _sample(configs, save_dir, state, loras or [])
-    destroy(state)
+        _sample(configs, save_dir, groups, loras or [])
+    destroy(groups.world)
 
 
 def memory_plan_report(configs: Configs) -> str:
@@ -98,13 +146,19 @@ def memory_plan_report(configs: Configs) -> str:
     )
     card = configs.runtime.plan_memory or None
     mode = configs.runtime.offload_mode
-    if not card:
-        return format_plan(estimate_peak_memory(use_fp8=cfg.use_fp8, offload_mode=mode, **kwargs))
-    estimate = fit_vae_tiles(card, use_fp8=cfg.use_fp8, offload_mode=mode, **kwargs)
+    user_tiles = cfg.vae_tile_size is not None or cfg.vae_tile_frames is not None
+    tiles = dict(vae_tile_size=cfg.vae_tile_size or 256, vae_tile_frames=cfg.vae_tile_frames or 64)
+    if not card or user_tiles:  # the user's tiles (or the defaults without a card) are planned as given
+        estimate = estimate_peak_memory(use_fp8=cfg.use_fp8, offload_mode=mode, **tiles, **kwargs)
+        if not card:
+            return format_plan(estimate)
+    else:
+        estimate = fit_vae_tiles(card, use_fp8=cfg.use_fp8, offload_mode=mode, **kwargs)
     report = [format_plan(estimate, card_gib=card)]
-    if estimate.vae_tile != (256, 64) and cfg.vae_tiling:
-        report.append(f"VAE tiles reduced to {estimate.vae_tile[0]} px / {estimate.vae_tile[1]} frames so that "
-                      "decoding fits.")
+    if estimate.vae_tile != (256, 64) and cfg.vae_tiling and not user_tiles:
+        why = "so that decoding fits" if estimate.fits(card) else "(the smallest tried; still too large)"
+        report.append(f"VAE tiles reduced to {estimate.vae_tile[0]} px / {estimate.vae_tile[1]} frames {why}: "
+                      f"run with --vae-tile-size {estimate.vae_tile[0]} --vae-tile-frames {estimate.vae_tile[1]}.")
         logger.info("memory plan: VAE tiles %s px / %s frames", *estimate.vae_tile)
     report.append(f"{'fits' if estimate.fits(card) else 'does not fit'} a {card:g} GiB card "
                   f"(peak {estimate.peak_gib:.1f} GiB in the {estimate.peak_stage} stage)")
@@ -121,6 +175,34 @@ def _setup_logging(runtime: RuntimeConfig) -> None:
     tag = f"[rank {runtime.rank}] " if runtime.world_size > 1 else ""
     level = logging.INFO if runtime.is_main_process else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _quiet_third_party() -> None:
+    """Model-loading progress bars and INFO chatter of transformers / diffusers / the hub: off."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as hf_logging
+
+    for lib in (hf_logging, diffusers_logging):
+        lib.set_verbosity_warning()
+        lib.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:
+        return
+    disable_progress_bars()
+
+
+def printable(text: str) -> str:
+    """`text` for a log line: control and format characters (newlines, ESC, bidi overrides) escaped."""
+    import unicodedata
+
+    return "".join(
+        ch if ch == " " or unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Zl", "Zp")
+        else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
 
 
 def _report_user_error(exc: BaseException, runtime: RuntimeConfig, *, every_rank: bool) -> int:
@@ -145,6 +227,11 @@ def run_guarded(work: Callable[[], None], runtime: RuntimeConfig) -> int:
         work()
     except USER_ERRORS as exc:
         code = _report_user_error(exc, runtime, every_rank=True)
+    except OSError as exc:  # ENOSPC and the like outside the writers (they raise OutputWriteError)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        code = _report_user_error(OSError(f"{exc.strerror}: {exc.filename or 'writing'}"), runtime,
+                                  every_rank=True)
     except Exception:
         if runtime.world_size == 1:
             raise
@@ -159,28 +246,32 @@ def run_guarded(work: Callable[[], None], runtime: RuntimeConfig) -> int:
     return code
 
 
-def _sample(configs: Configs, save_dir: Path, state, loras: list) -> None:
+def _sample(configs: Configs, save_dir: Path, groups, loras: list) -> None:
     from hyvideo.inference import HunyuanVideoSampler, agree_seed
 
     sampling = configs.sampling
+    state = groups.world  # every rank: the seed, the rewrites and who writes
     # A rewrite server is asked before minutes of model loading; the local LLM needs the models first.
     rewrites = rewrite_prompts_for_run(configs, state) if configs.rewrite.uses_endpoint else None
-    sampler = HunyuanVideoSampler.from_pretrained(configs, parallel=state,
+    sampler = HunyuanVideoSampler.from_pretrained(configs, parallel=groups,
                                                   use_autocast=not configs.runtime.disable_autocast)
     if configs.rewrite.enabled and rewrites is None:
         rewrites = rewrite_prompts_for_run(configs, state, sampler=sampler)
     for weights, scale in loras:  # every rank applies the same LoRAs
         sampler.add_lora(weights, scale)
+    # The sidecar records the architecture actually built (a dit_config.json / config.json beside the
+    # weights can differ from the --model preset).
+    configs = dataclasses.replace(configs, model=dataclasses.replace(configs.model,
+                                                                     dit=sampler.transformer.config))
     seed = agree_seed(sampling.seed, state)  # one seed for the whole run, the same on every rank
-    image = reference_image(configs)
-    height, width = (sampling.height, sampling.width) if image is None else i2v_bucket(configs, image)
+    image = reference_image(configs)  # --i2v-mode: sampling.height/width already hold its bucket
     calibrations = []
     for index, prompt in enumerate(sampling.prompts):
         rewrite = rewrites[index] if rewrites is not None else None
         prompt = rewrite.rewritten if rewrite is not None else prompt
-        logger.info("Prompt %d/%d: %s", index + 1, len(sampling.prompts), prompt)
+        logger.info("Prompt %d/%d: %s", index + 1, len(sampling.prompts), printable(prompt))
         out = sampler.predict(
-            prompt, height=height, width=width, video_length=sampling.video_length,
+            prompt, height=sampling.height, width=sampling.width, video_length=sampling.video_length,
             seed=seed, negative_prompt=sampling.neg_prompt, infer_steps=sampling.infer_steps,
             guidance_scale=sampling.cfg_scale, flow_shift=sampling.flow_shift,
             flow_reverse=sampling.flow_reverse, embedded_guidance_scale=sampling.embedded_cfg_scale
@@ -205,13 +296,18 @@ def reference_image(configs: Configs):
     return load_reference_image(configs.i2v.image_path)
 
 
-def i2v_bucket(configs: Configs, image) -> tuple[int, int]:
+def with_i2v_bucket(configs: Configs) -> Configs:
+    """In --i2v-mode, the configs with the image's bucket as the video size (logged); else unchanged."""
+    image = reference_image(configs)
+    if image is None:
+        return configs
     from hyvideo.i2v import bucket_for_image
 
     height, width = bucket_for_image(image.height, image.width, configs.i2v.resolution)
     logger.info("--i2v-mode: image %dx%d -> %s bucket %dx%d (H x W), which replaces --video-size",
                 image.width, image.height, configs.i2v.resolution, height, width)
-    return height, width
+    sampling = dataclasses.replace(configs.sampling, height=height, width=width)
+    return dataclasses.replace(configs, sampling=sampling)
 
 
 def report_calibration(summaries: list[dict], configs: Configs) -> None:
@@ -293,12 +389,18 @@ def _share_from_main(payload, state):
 
 
 def save_outputs(
-    out, configs: Configs, save_dir: Path, *, rewrite: RewriteResult | None = None
+    out, configs: Configs, save_dir: Path, *, rewrite: RewriteResult | None = None,
+    extra_facts: dict | None = None,
 ) -> list[Path]:
     """One mp4 per video, each with a JSON sidecar (and latents with --save-latents).
 
+    `extra_facts` go into every sidecar too (e.g. the server's job id).
+
     With a prompt rewrite, `out.prompt` is the rewritten prompt (the one encoded); the file is named after
     the user's prompt and the sidecar records both under "prompt_rewrite".
+
+    A video's files are published together or not at all: if writing one fails or is interrupted, the
+    files of that video already written are removed (videos completed before it stay).
     """
     time_flag = make_time_flag()
     written = []
@@ -311,15 +413,34 @@ def save_outputs(
         stem = safe_filename(rewrite.original if rewrite else out.prompt, seed=seed, time_flag=time_flag)
         path = unique_path(save_dir, stem, ".mp4", sibling_suffixes=(".json", ".safetensors"))
         record = run_record(configs, prompt=out.prompt, negative_prompt=out.negative_prompt, seed=seed,
-                            size=out.size, timings=out.timings, **extra)
-        if configs.runtime.save_latents:
-            record["latents_file"] = path.with_suffix(".safetensors").name
-            save_latents(path.with_suffix(".safetensors"), out.latents[i : i + 1], record)
-        save_video(out.samples[i], path, fps=FPS, crf=configs.runtime.crf, metadata={"comment": out.prompt})
-        write_sidecar(path, record)
+                            size=out.size, timings=out.timings, **extra, **(extra_facts or {}))
+        with _all_or_nothing(path) as published:
+            if configs.runtime.save_latents:
+                record["latents_file"] = path.with_suffix(".safetensors").name
+                latents_path = path.with_suffix(".safetensors")
+                published.append(save_latents(latents_path, out.latents[i : i + 1], record))
+            published.append(save_video(out.samples[i], path, fps=FPS, crf=configs.runtime.crf,
+                                        metadata={"comment": out.prompt}))
+            published.append(write_sidecar(path, record))
         logger.info("Sample saved to: %s", path)
         written.append(path)
     return written
+
+
+@contextlib.contextmanager
+def _all_or_nothing(path: Path):
+    """Collect the files of one output; remove them all if the block fails (OutputWriteError) or stops."""
+    published: list[Path] = []
+    try:
+        yield published
+    except BaseException as exc:
+        for done in published:
+            done.unlink(missing_ok=True)
+        if isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "ffmpeg" in str(exc)):
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            raise OutputWriteError(f"could not write {path}: {reason}; its partial files were removed "
+                                   "(free some space or choose another --save-path)") from exc
+        raise
 
 
 def run_record(configs: Configs, **facts) -> dict:
@@ -363,8 +484,9 @@ def decode_saved_latents(
     if multi and not parallel.is_main:
         return None
     path = unique_path(save_dir, f"{latents_path.stem}_decoded", ".mp4", sibling_suffixes=(".json",))
-    save_video(video[0], path, fps=FPS, crf=configs.runtime.crf)
-    write_sidecar(path, {**record, "decoded_from": str(latents_path),
-                         "decode_settings": settings_record(configs)})
+    with _all_or_nothing(path) as published:
+        published.append(save_video(video[0], path, fps=FPS, crf=configs.runtime.crf))
+        published.append(write_sidecar(path, {**record, "decoded_from": str(latents_path),
+                                               "decode_settings": settings_record(configs)}))
     logger.info("Decoded video saved to: %s", path)
     return path

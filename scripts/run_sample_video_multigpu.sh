@@ -1,20 +1,30 @@
 #!/usr/bin/env bash
-# Several GPUs on one node: sequence parallelism over torch.distributed (no xfuser needed).
-# The image tokens are split over the GPUs: Ulysses splits the attention heads (the degree must divide
-# 24), ring attention passes key/value blocks around; ulysses-degree x ring-degree must equal the number
-# of processes. Every GPU holds the whole model (add --use-cpu-offload and/or --use-fp8 on smaller cards:
-# both work together with sequence parallelism), the VAE tiles are decoded in
-# parallel, and only rank 0 writes the video.
+# Several GPUs: sequence parallelism over torch.distributed (no xfuser needed). No arithmetic: give no
+# --ulysses-degree / --ring-degree and the layout is chosen from the process count (Ulysses as wide as the
+# 24 heads and one node allow, the rest on ring attention; logged with its reason). Only rank 0 writes.
 #
-# Layouts of the original's README (nproc = ulysses x ring), e.g. for 1280x720 or 720x1280, 129 frames:
-#   8 GPUs: 8x1, 4x2, 2x4, 1x8       6 GPUs: 6x1, 3x2, 2x3, 1x6 (no longer limited to sizes that split evenly)
-#   5 GPUs: 1x5                      4 GPUs: 4x1, 2x2, 1x4
-#   3 GPUs: 3x1, 1x3                 2 GPUs: 2x1, 1x2
-# Ulysses moves less data than ring (see README); prefer the largest Ulysses degree that divides 24.
-# Across nodes use torchrun's usual --nnodes / --rdzv-endpoint flags with the same arguments.
+#   NGPU=4 bash scripts/run_sample_video_multigpu.sh                 # one node, 4 GPUs
+#   NGPU=4 SHARD=1 bash scripts/run_sample_video_multigpu.sh         # 4 x 24 GB cards: shard the DiT weights
+#   NGPU=8 CFG=1 CFG_SCALE=2 bash scripts/run_sample_video_multigpu.sh  # real CFG: branches on 4 + 4 GPUs
+#
+# When to add --shard-weights: when the whole DiT does not fit each GPU beside the activations (bf16 DiT
+# 23.9 GiB; fp8 12.3 GiB). It keeps 1/N of the weights per GPU (FSDP2) and gathers each block just before it
+# runs: N=4 -> 6.0 GiB bf16 / 3.1 GiB fp8 per GPU, for ~(N-1)/N x the weights all-gathered per step. Leave it
+# off when the model fits: it only adds communication.
+# --cfg-parallel (needs --cfg-scale > 1 and an even GPU count) halves each GPU's work for real CFG.
+# Explicit --ulysses-degree U --ring-degree R still work (U x R [x 2 with --cfg-parallel] = GPUs).
+#
+# Several nodes: run the same command on every node with torchrun's rendezvous flags, e.g. two nodes of 8:
+#   torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST0:29500 sample_video.py ...
+# Ulysses stays inside a node, the ring (and the CFG halves) cross nodes; the seed and noise come from global
+# rank 0, which alone writes the video.
 export TOKENIZERS_PARALLELISM=false
+NGPU=${NGPU:-8}
+EXTRA=()
+[[ -n "${SHARD:-}" ]] && EXTRA+=(--shard-weights)
+[[ -n "${CFG:-}" ]] && EXTRA+=(--cfg-parallel --cfg-scale "${CFG_SCALE:-2.0}")
 
-torchrun --nproc_per_node=8 sample_video.py \
+torchrun --nproc_per_node="$NGPU" sample_video.py \
     --video-size 1280 720 \
     --video-length 129 \
     --infer-steps 50 \
@@ -23,6 +33,5 @@ torchrun --nproc_per_node=8 sample_video.py \
     --embedded-cfg-scale 6.0 \
     --flow-shift 7.0 \
     --flow-reverse \
-    --ulysses-degree 8 \
-    --ring-degree 1 \
-    --save-path ./results
+    --save-path ./results \
+    "${EXTRA[@]}"

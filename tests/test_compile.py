@@ -212,3 +212,26 @@ def test_compile_flags_reach_the_config():
         True, "max-autotune-no-cudagraphs", True)
     default = parse_args([]).model
     assert (default.compile, default.compile_mode, default.fp8_gemm) == (False, "default", False)
+
+
+def test_compile_composes_with_step_caching():
+    from hyvideo.diffusion.cache import CacheConfig, StepCache
+
+    model, inputs = tiny_model(), tiny_inputs()
+
+    def three_steps() -> tuple[list[torch.Tensor], list[int]]:
+        # fbcache runs the first double block alone, then the rest or nothing: both call patterns compiled.
+        cache = StepCache.create(CacheConfig("fbcache", threshold=0.5), num_steps=3, height=64, width=64)
+        outputs = []
+        for step, t in enumerate((500.0, 499.0, 300.0)):
+            cache.begin_step(step)
+            with torch.no_grad():
+                outputs.append(model(**{**inputs, "t": torch.tensor([t, t])}, step_cache=cache))
+        return outputs, list(cache.computed_steps)
+
+    expected, expected_steps = three_steps()
+    assert expected_steps == [0, 2]  # step 1 reuses: the case is a real cache decision
+    compile_dit_blocks(model, backend="aot_eager")
+    outputs, steps = three_steps()
+    assert steps == expected_steps
+    assert all(rel_err(o, e) <= 1e-6 for o, e in zip(outputs, expected, strict=True))

@@ -74,6 +74,9 @@ OUR_DEFAULTS = {
     "--flow-reverse": True,  # the original's False samples backwards and yields noise
     "--dit-weight": None,  # resolved under --model-base
     "--flow-shift": None,  # resolved: 7.0, or 17.0 with --i2v-mode
+    # None = chosen from torchrun's process count (1 x 1 in one process: RuntimeConfig records 1, as before)
+    "--ulysses-degree": None,
+    "--ring-degree": None,
 }
 
 

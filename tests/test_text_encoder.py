@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
 import pytest
 import torch
@@ -410,13 +409,29 @@ def test_missing_weights_are_an_error(tmp_path, llm_folder):
         TextEncoder.from_pretrained(folder, dtype=torch.float32)
 
 
-def test_tokenizer_source_that_cannot_be_downloaded_is_a_clear_error(tmp_path, monkeypatch):
+def test_clip_vocabulary_is_shipped_and_needs_no_network(tmp_path, monkeypatch):
+    import subprocess
+
     import hyvideo.testing.tokenizers as assets
 
-    failing = [sys.executable, "-c", "raise SystemExit(1)"]
-    monkeypatch.setattr(assets, "_pip_download_command", lambda requirement, dest: failing)
-    with pytest.raises(RuntimeError, match=r"clip-anytorch==2\.6\.0.*Run `"):
-        assets.clip_bpe_file(cache_dir=tmp_path)
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError(f"a subprocess was started: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    path = assets.clip_bpe_file(cache_dir=tmp_path)
+    assert assets._sha256(path.read_bytes()) == assets.CLIP_SHA256
+    assert (assets.CLIP_BPE_SHIPPED.parent / "LICENSE-CLIP-BPE.txt").read_text().startswith("MIT License")
+
+
+def test_altered_clip_vocabulary_is_a_clear_error(tmp_path, monkeypatch):
+    import hyvideo.testing.tokenizers as assets
+
+    altered = tmp_path / "bpe.txt.gz"
+    altered.write_bytes(b"not the vocabulary")
+    monkeypatch.setattr(assets, "CLIP_BPE_SHIPPED", altered)
+    with pytest.raises(RuntimeError, match="sha256.*restore it from the repository"):
+        assets.clip_bpe_file(cache_dir=tmp_path / "cache")
 
 
 def test_block_offload_streams_the_llm_layers_bit_exactly(llm, clip):

@@ -195,6 +195,63 @@ def convert_diffusers_to_official(state_dict: Mapping[str, torch.Tensor]) -> Sta
 
 
 # --------------------------------------------------------------------------------------------------
+# diffusers' config.json -> DiTConfig
+# --------------------------------------------------------------------------------------------------
+
+DIFFUSERS_DIT_CLASS = "HunyuanVideoTransformer3DModel"
+# diffusers' constructor defaults, for fields an older config.json may lack.
+_DIFFUSERS_DEFAULTS = dict(
+    in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+    num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
+    qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
+    rope_theta=256.0, rope_axes_dim=(16, 56, 56), image_condition_type=None,
+)
+
+
+def is_diffusers_dit_config(values: Mapping) -> bool:
+    return isinstance(values, Mapping) and values.get("_class_name") == DIFFUSERS_DIT_CLASS
+
+
+def dit_config_from_diffusers(values: Mapping, source: str = "config.json") -> DiTConfig:
+    """The DiTConfig of a diffusers HunyuanVideoTransformer3DModel config.json (its constructor fields)."""
+    unknown = sorted(k for k in values if not k.startswith("_") and k not in _DIFFUSERS_DEFAULTS)
+    if unknown:
+        raise ValueError(f"{source}: fields this loader does not know: {unknown}")
+    v = {**_DIFFUSERS_DEFAULTS, **{k: values[k] for k in values if not k.startswith("_")}}
+    if v["image_condition_type"] not in (None, "token_replace", "latent_concat"):
+        raise ValueError(f"{source}: unknown image-to-video image_condition_type {v['image_condition_type']!r} "
+                         "(known: token_replace, latent_concat)")
+    if v["qk_norm"] != "rms_norm":
+        raise ValueError(f"{source}: qk_norm {v['qk_norm']!r} is not supported (HunyuanVideo: 'rms_norm')")
+    heads, head_dim = int(v["num_attention_heads"]), int(v["attention_head_dim"])
+    return DiTConfig(
+        hidden_size=heads * head_dim, heads_num=heads, mlp_width_ratio=float(v["mlp_ratio"]),
+        mm_double_blocks_depth=int(v["num_layers"]), mm_single_blocks_depth=int(v["num_single_layers"]),
+        rope_dim_list=tuple(int(n) for n in v["rope_axes_dim"]), rope_theta=float(v["rope_theta"]),
+        patch_size=(int(v["patch_size_t"]), int(v["patch_size"]), int(v["patch_size"])),
+        in_channels=int(v["in_channels"]), out_channels=int(v["out_channels"]), qk_norm=True,
+        qk_norm_type="rms", guidance_embed=bool(v["guidance_embeds"]),
+        text_states_dim=int(v["text_embed_dim"]), text_states_dim_2=int(v["pooled_projection_dim"]),
+        refiner_depth=int(v["num_refiner_layers"]), image_condition_type=v["image_condition_type"],
+    )
+
+
+def find_diffusers_dit_config(path: str | os.PathLike) -> Path | None:
+    """diffusers' transformer config.json for weights at `path` (a folder, its transformer/, or a file's)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    for candidate in (folder / "config.json", folder / "transformer" / "config.json"):
+        if candidate.is_file():
+            try:
+                values = json.loads(candidate.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if is_diffusers_dit_config(values):
+                return candidate
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
 # Reading checkpoints
 # --------------------------------------------------------------------------------------------------
 
@@ -219,13 +276,20 @@ def _read_safetensors(path: Path) -> StateDict:
     return load_file(str(path), device="cpu")
 
 
+class MissingLoadKeyError(KeyError, ValueError):
+    """The checkpoint has no entry for --load-key (a KeyError for old callers, a user error for the CLI)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 def _unwrap(obj: object, load_key: str, path: Path) -> StateDict:
     """Take `obj[load_key]` from a {"module": ..., "ema": ...} wrapper; check it is a flat tensor dict."""
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, expected a state dict (a dict of tensors)")
     if any(key in obj for key in _WRAPPER_KEYS):
         if load_key not in obj:
-            raise KeyError(
+            raise MissingLoadKeyError(
                 f"{path} has no {load_key!r} entry; available keys: {sorted(map(str, obj))}. "
                 "Choose one with load_key (--load-key)."
             )
@@ -306,6 +370,24 @@ def load_dit_state_dict(path: str | os.PathLike, load_key: str = "module") -> St
 # --------------------------------------------------------------------------------------------------
 # Checking and assigning
 # --------------------------------------------------------------------------------------------------
+
+
+def check_not_fp8(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """ValueError when the checkpoint stores float8 tensors: they need --use-fp8 (and its scale map).
+
+    An error rather than switching fp8 on: the fp8 loader needs the `*_fp8_map.pt` scales that belong to this
+    exact file, and silently changing how the weights are read would hide a mixed-up --dit-weight.
+    """
+    fp8 = [key for key, tensor in state_dict.items() if tensor.dtype in _FLOAT8_DTYPES]
+    if fp8:
+        raise ValueError(f"{path} is an fp8 checkpoint ({len(fp8)} float8 tensors, e.g. {fp8[0]}): add "
+                         "--use-fp8 to load it with its *_fp8_map.pt scales")
+
+
+_FLOAT8_DTYPES = frozenset(
+    getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+)
 
 
 def _format_examples(items: list[str], limit: int = 10) -> str:
@@ -390,8 +472,12 @@ def load_dit(
     device: torch.device | str | None = None,
     attention_backend: str = "auto",
 ) -> HYVideoDiffusionTransformer:
-    """`load_dit_state_dict(path, load_key)` then `build_dit(...)`; see both for the arguments."""
+    """`load_dit_state_dict(path, load_key)` then `build_dit(...)`; see both for the arguments.
+
+    An fp8 checkpoint is refused: without its scale map the fp8 values would be read as plain weights.
+    """
     state_dict = load_dit_state_dict(path, load_key)
+    check_not_fp8(state_dict, path)
     model = build_dit(config, state_dict, dtype=dtype, device=device, attention_backend=attention_backend)
     logger.info("loaded DiT weights from %s (%d tensors)", path, len(state_dict))
     return model

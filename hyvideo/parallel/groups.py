@@ -64,6 +64,11 @@ class SequenceParallelState:
     ring_group: object | None = None
     owns_process_group: bool = False
     timeout_s: float = DEFAULT_TIMEOUT_S
+    # A sequence-parallel group that is part of a larger world (--cfg-parallel: one per guidance branch):
+    # `group` spans its ranks (None: the default group, all ranks) and `rank_offset` is the global rank of
+    # its rank 0; `rank` and `world_size` count within the group.
+    group: object | None = None
+    rank_offset: int = 0
 
     @property
     def ulysses_degree(self) -> int:
@@ -95,10 +100,16 @@ class SequenceParallelState:
         """Where small control tensors (seeds) must live for this backend's collectives."""
         return torch.device("cpu") if self.backend in (None, "gloo") else self.device
 
+    @property
+    def global_main_rank(self) -> int:
+        """Global rank of this group's rank 0 (the source of its broadcasts)."""
+        return self.rank_offset
+
     def ring_peer(self, offset: int) -> int:
         """Global rank of the ring neighbour `offset` steps ahead (same Ulysses index)."""
         u = self.config.ulysses_degree
-        return ((self.ring_rank + offset) % self.config.ring_degree) * u + self.ulysses_rank
+        ring_rank = (self.ring_rank + offset) % self.config.ring_degree
+        return self.rank_offset + ring_rank * u + self.ulysses_rank
 
     def check_num_heads(self, num_heads: int) -> None:
         """Raise ValueError unless the Ulysses degree divides `num_heads` (call once from the model)."""
@@ -206,7 +217,7 @@ def init_sequence_parallel(
         if owns:
             dist.destroy_process_group()
         raise
-    ulysses_group, ring_group = _build_groups(config, dist.get_rank(), timeout_s)
+    ulysses_group, ring_group = build_groups(config, dist.get_rank(), timeout_s)
     state = SequenceParallelState(
         config=config,
         rank=dist.get_rank(),
@@ -226,21 +237,31 @@ def init_sequence_parallel(
     return state
 
 
-def _build_groups(config: SequenceParallelConfig, rank: int, timeout_s: float) -> tuple[object, object]:
-    """Create every Ulysses and ring group (all ranks must call new_group for all of them, in order)."""
-    u_deg, r_deg = config.ulysses_degree, config.ring_degree
+def build_groups(
+    config: SequenceParallelConfig, rank: int, timeout_s: float, *, replicas: int = 1
+) -> tuple[object, object]:
+    """Create every Ulysses and ring group (all ranks must call new_group for all of them, in order).
+
+    `replicas` copies of the U x R layout sit side by side (global ranks ``c * U*R + local``, one copy per
+    --cfg-parallel branch); `rank` is the global rank, and the groups of its own copy are returned.
+    """
+    u_deg, r_deg, size = config.ulysses_degree, config.ring_degree, config.world_size
     timeout = timedelta(seconds=timeout_s)
     ulysses_group = ring_group = None
-    if u_deg > 1:
-        for ring_idx in range(r_deg):
-            group = dist.new_group([ring_idx * u_deg + u for u in range(u_deg)], timeout=timeout)
-            if ring_idx == rank // u_deg:
-                ulysses_group = group
-    if r_deg > 1:
-        for u in range(u_deg):
-            group = dist.new_group([ring_idx * u_deg + u for ring_idx in range(r_deg)], timeout=timeout)
-            if u == rank % u_deg:
-                ring_group = group
+    mine, local = divmod(rank, size)
+    for copy in range(replicas):
+        base = copy * size
+        if u_deg > 1:
+            for ring_idx in range(r_deg):
+                group = dist.new_group([base + ring_idx * u_deg + u for u in range(u_deg)], timeout=timeout)
+                if copy == mine and ring_idx == local // u_deg:
+                    ulysses_group = group
+        if r_deg > 1:
+            for u in range(u_deg):
+                ranks = [base + ring_idx * u_deg + u for ring_idx in range(r_deg)]
+                group = dist.new_group(ranks, timeout=timeout)
+                if copy == mine and u == local % u_deg:
+                    ring_group = group
     return ulysses_group, ring_group
 
 
@@ -265,7 +286,7 @@ def broadcast_seed(seed: int | None, state: SequenceParallelState) -> int:
     if not state.enabled:
         return int(value)
     tensor = torch.tensor([value if state.is_main else 0], dtype=torch.int64, device=state.comm_device)
-    dist.broadcast(tensor, src=0)
+    dist.broadcast(tensor, src=state.global_main_rank, group=state.group)
     return int(tensor.item())
 
 
@@ -277,14 +298,14 @@ def broadcast_from_main(tensor: torch.Tensor, state: SequenceParallelState) -> t
     if not state.enabled:
         return tensor
     wire = as_wire(tensor).clone()  # a private buffer: the caller's tensor is never written into
-    dist.broadcast(wire, src=0)
+    dist.broadcast(wire, src=state.global_main_rank, group=state.group)
     return wire.view(tensor.dtype) if wire.dtype != tensor.dtype else wire
 
 
 def barrier(state: SequenceParallelState) -> None:
-    """Wait for every rank (no-op in a single process)."""
+    """Wait for every rank of `state` (no-op in a single process)."""
     if state.enabled:
-        dist.barrier()
+        dist.barrier(group=state.group)
 
 
 def destroy(state: SequenceParallelState) -> None:

@@ -110,7 +110,7 @@ def gather_tokens(
         return x_local.narrow(dim, 0, total_len)
     wire = as_wire(x_local)
     parts = [torch.empty_like(wire) for _ in range(state.world_size)]
-    dist.all_gather(parts, wire)
+    dist.all_gather(parts, wire, group=state.group)
     full = torch.cat(parts, dim=dim)
     if full.dtype != x_local.dtype:
         full = full.view(x_local.dtype)

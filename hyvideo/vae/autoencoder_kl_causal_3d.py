@@ -322,14 +322,19 @@ def _find_weights(vae_dir: Path) -> Path:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Flat state dict from the file, unwrapping the original's optional "state_dict" / "vae." layers."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        ckpt: Any = load_file(str(path), device="cpu")
-    else:
-        # mmap needs the zip format that torch.save writes by default; legacy files are read normally.
-        mmap = zipfile.is_zipfile(path)
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            ckpt: Any = load_file(str(path), device="cpu")
+        else:
+            # mmap needs the zip format that torch.save writes by default; legacy files are read normally.
+            mmap = zipfile.is_zipfile(path)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # a damaged file fails in many ways (RuntimeError, UnpicklingError, EOFError..)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"could not read the VAE weights {path} ({type(err).__name__}: {first}); the file "
+                         "is damaged or incomplete: download it again (see ckpts/README.md)") from err
     if isinstance(ckpt, Mapping) and "state_dict" in ckpt:
         ckpt = ckpt["state_dict"]
     if not isinstance(ckpt, Mapping):

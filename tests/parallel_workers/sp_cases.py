@@ -96,17 +96,21 @@ def set_vae_tiling(vae: AutoencoderKLCausal3D, name: str) -> None:
     vae.enable_temporal_tiling(temporal)
 
 
-def build_pipeline(dit, vae, parallel=None) -> HunyuanVideoPipeline:
+def build_pipeline(dit, vae, parallel=None, cfg_parallel=None) -> HunyuanVideoPipeline:
     return HunyuanVideoPipeline(
         vae=vae, text_encoder=None, text_encoder_2=None, transformer=dit,
         scheduler=FlowMatchDiscreteScheduler(shift=7.0), dit_dtype=torch.float32, vae_dtype=torch.float32,
-        use_autocast=False, parallel=parallel,
+        use_autocast=False, parallel=parallel, cfg_parallel=cfg_parallel,
     )
 
 
-def run_pipeline(pipe: HunyuanVideoPipeline, seed: int = PIPE_SEED):
-    """The CFG pipeline run: positive prompt of 7 tokens, negative of 4 (padded differently in the batch)."""
+def run_pipeline(pipe: HunyuanVideoPipeline, seed: int = PIPE_SEED, output_type: str = "pt"):
+    """The CFG pipeline run: positive prompt of 7 tokens, negative of 4 (padded differently in the batch).
+
+    output_type="latent" skips the VAE decode (most of the run's time on a CPU).
+    """
     return pipe(
         prompt_conditions=text_conditions((7,), seed=21), negative_conditions=text_conditions((4,), seed=22),
-        generator=[torch.Generator().manual_seed(seed)], enable_tiling=True, show_progress=False, **PIPE,
+        generator=[torch.Generator().manual_seed(seed)], enable_tiling=True, show_progress=False,
+        output_type=output_type, **PIPE,
     )

@@ -16,6 +16,7 @@ from hyvideo.diffusion.cache import CacheConfig, StepCache
 from hyvideo.i2v.conditioning import ImageCondition
 from hyvideo.lowmem.offload import OffloadPlan
 from hyvideo.parallel.groups import SequenceParallelState, broadcast_from_main
+from hyvideo.parallel.layout import CfgBranch
 from hyvideo.parallel.vae_decode import parallel_vae_decode
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ class TextConditions:
 
     def astuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.embeds, self.mask, self.pooled
+
+    def half(self, index: int) -> TextConditions:
+        """The first (0) or second (1) half of the batch: one branch of a [negative | positive] CFG batch."""
+        return TextConditions(*(t.chunk(2)[index] for t in self.astuple()))
 
 
 @dataclass
@@ -97,6 +102,20 @@ def decode_latents(vae, latents: torch.Tensor, *, vae_dtype: torch.dtype, use_au
     return (video / 2 + 0.5).clamp(0, 1).cpu().float()
 
 
+class NonFiniteLatentsError(ValueError):
+    """The latents hold NaN or inf: the output would be a black or garbage video."""
+
+
+def check_finite_latents(latents: torch.Tensor, *, step: int, steps: int) -> None:
+    """Raise NonFiniteLatentsError unless every latent value is finite (after denoising step `step`)."""
+    if not bool(torch.isfinite(latents).all()):
+        raise NonFiniteLatentsError(
+            f"the latents are not finite (NaN or inf) after denoising step {step} of {steps}: the DiT "
+            "weights are damaged or overflow in this precision (check --dit-weight, try --precision bf16 or "
+            "fp32)"
+        )
+
+
 def latent_frames(video_length: int, time_compression: int = 4) -> int:
     return (video_length - 1) // time_compression + 1
 
@@ -131,12 +150,13 @@ class HunyuanVideoPipeline(DiffusionPipeline):
     def __init__(self, vae, text_encoder, text_encoder_2, transformer, scheduler, *,
                  dit_dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype = torch.float16,
                  use_autocast: bool = True, parallel: SequenceParallelState | None = None,
-                 offload: OffloadPlan | None = None):
+                 offload: OffloadPlan | None = None, cfg_parallel: CfgBranch | None = None):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                               transformer=transformer, scheduler=scheduler)
         self.dit_dtype, self.vae_dtype, self.use_autocast = dit_dtype, vae_dtype, use_autocast
         self.parallel, self.offload = parallel, offload
+        self.cfg_parallel = cfg_parallel  # --cfg-parallel: this rank denoises one guidance branch only
 
     @property
     def device(self) -> torch.device:
@@ -183,10 +203,15 @@ class HunyuanVideoPipeline(DiffusionPipeline):
                          step_cache: StepCache | None = None) -> torch.Tensor:
         """One DiT evaluation, with classifier-free guidance when guidance_scale > 1.
 
-        With a step cache the whole batch (negative and positive halves) takes one decision.
+        With a step cache the whole batch (negative and positive halves) takes one decision. Under
+        --cfg-parallel (`cfg_parallel`) this rank evaluates only its branch of the CFG batch and the paired
+        rank the other; the two velocities are exchanged and combined identically on both.
         """
         do_cfg = guidance_scale > 1.0
-        x_in = torch.cat([latents] * 2) if do_cfg else latents
+        split_cfg = do_cfg and self.cfg_parallel is not None
+        if split_cfg:
+            cond = cond.half(self.cfg_parallel.branch)
+        x_in = torch.cat([latents] * 2) if do_cfg and not split_cfg else latents
         batch = x_in.shape[0]
         guidance = None
         if embedded_guidance_scale is not None:
@@ -197,7 +222,8 @@ class HunyuanVideoPipeline(DiffusionPipeline):
             v = self.transformer(x_in, t.repeat(batch), cond.embeds, cond.mask, cond.pooled,
                                  guidance=guidance, **cache_arg)
             if do_cfg:
-                v = classifier_free_guidance(*v.chunk(2), guidance_scale)
+                v_uncond, v_cond = self.cfg_parallel.exchange(v) if split_cfg else v.chunk(2)
+                v = classifier_free_guidance(v_uncond, v_cond, guidance_scale)
         return v
 
     def denoise(self, latents: torch.Tensor, cond: TextConditions, *, guidance_scale: float,
@@ -219,6 +245,8 @@ class HunyuanVideoPipeline(DiffusionPipeline):
                     latents = self.scheduler.step(v, t, latents)  # fp32 from here on
                 else:
                     latents = image_condition.step(self.scheduler, v, t, latents)
+                if i in (0, len(timesteps) - 1):  # two syncs per video: cheap, and catches NaN weights
+                    check_finite_latents(latents, step=i + 1, steps=len(timesteps))
                 if callback is not None:
                     callback(i, t, latents)
                 progress.update()

@@ -1,0 +1,221 @@
+"""A job request: what a client may ask for, checked against the server's limits, as SamplingConfig values.
+
+One request shape serves the web page and `/v1/videos`. Field names follow OpenAI's video API where it has
+one (`prompt`, `size` as "WIDTHxHEIGHT", `seconds`, `model`, `n`); the rest are ours and documented in
+README.md ("Web server"). Every field maps onto one `SamplingConfig` field (`SAMPLING_FIELDS`); fields the
+server's flags leave open take their value from those flags. Features that are not sampling settings
+(LoRA, step cache, prompt rewrite, ...) go in `FEATURE_FIELDS`: a name and a validator; the worker hands
+the validated values to `hyvideo.server.worker.feature_kwargs`.
+
+Nothing here touches the file system: a request names no path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from hyvideo.config import SamplingConfig, ServerLimits
+
+FPS = 24
+MODEL_ID = "hunyuanvideo-t2v-720p"
+MAX_SEED = 2**63 - 1_000  # seeds seed .. seed + n - 1 must stay below 2**63 (SQLite, torch)
+GUIDANCE_RANGE = (1.0, 20.0)  # the original page's sliders
+FLOW_SHIFT_RANGE = (0.0, 20.0)  # open at 0
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
+
+# Resolution presets of the original (README "supported resolutions"; gradio offers the same ten), as
+# (label, width, height).
+RESOLUTION_PRESETS = (
+    ("720p 16:9", 1280, 720), ("720p 9:16", 720, 1280), ("720p 4:3", 1104, 832), ("720p 3:4", 832, 1104),
+    ("720p 1:1", 960, 960), ("540p 16:9", 960, 544), ("540p 9:16", 544, 960), ("540p 4:3", 832, 624),
+    ("540p 3:4", 624, 832), ("540p 1:1", 720, 720),
+)
+LENGTH_PRESETS = (("2s (65 frames)", 65), ("5s (129 frames)", 129))  # the original page's lengths
+
+
+class RequestError(ValueError):
+    """A request the server refuses; the message says which field was wrong and how to fix it."""
+
+
+# Extra features, by request field name: a validator that returns the normalised value or raises
+# RequestError. Empty today; e.g. a LoRA scale would be `"lora_scale": _float_field("lora_scale", 0, 2)`.
+FEATURE_FIELDS: dict[str, Callable[[Any, ServerLimits], Any]] = {}
+
+# Request field -> SamplingConfig field (size and seconds/frames expand to two/one fields, see parse).
+SAMPLING_FIELDS = {
+    "prompt": "prompts",
+    "negative_prompt": "neg_prompt",
+    "size": ("width", "height"),
+    "seconds": "video_length",
+    "frames": "video_length",
+    "steps": "infer_steps",
+    "seed": "seed",
+    "guidance_scale": "cfg_scale",
+    "embedded_guidance_scale": "embedded_cfg_scale",
+    "flow_shift": "flow_shift",
+    "n": "num_videos",
+}
+OTHER_FIELDS = ("model",)
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A validated request: every sampling value resolved (seed may stay None: drawn when the job runs)."""
+
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    frames: int
+    steps: int
+    seed: int | None
+    guidance_scale: float
+    embedded_guidance_scale: float
+    flow_shift: float
+    n: int
+    features: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    @property
+    def seconds(self) -> str:
+        return f"{self.frames / FPS:.2f}".rstrip("0").rstrip(".")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> JobRequest:
+        return cls(**values)
+
+    def sampling_config(self, base: SamplingConfig, *, seed: int) -> SamplingConfig:
+        """The server's sampling flags with this request's values (one prompt, a concrete seed)."""
+        return dataclasses.replace(
+            base, prompts=(self.prompt,), neg_prompt=self.negative_prompt, height=self.height,
+            width=self.width,
+            video_length=self.frames, infer_steps=self.steps, seed=seed, cfg_scale=self.guidance_scale,
+            embedded_cfg_scale=self.embedded_guidance_scale, flow_shift=self.flow_shift, num_videos=self.n,
+            batch_size=1,
+        )
+
+
+def parse_request(body: Any, defaults: SamplingConfig, limits: ServerLimits) -> JobRequest:
+    """Check a JSON body (a dict) and resolve it against the server's defaults; raise RequestError."""
+    if not isinstance(body, Mapping):
+        raise RequestError(f"the request body must be a JSON object, got {_kind(body)}")
+    known = set(SAMPLING_FIELDS) | set(OTHER_FIELDS) | set(FEATURE_FIELDS)
+    unknown = sorted(str(k) for k in body if k not in known)
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
+    model = body.get("model")
+    if model is not None and model != MODEL_ID:
+        raise RequestError(f"model must be {MODEL_ID!r} (the one this server serves), got {model!r}")
+    if "seconds" in body and "frames" in body:
+        raise RequestError("give seconds or frames, not both")
+    width, height = _size(body.get("size"), defaults, limits)
+    steps = _int(body, "steps", defaults.infer_steps, 1, limits.max_steps)
+    n = _int(body, "n", defaults.num_videos, 1, limits.max_videos)
+    seed = _int(body, "seed", defaults.seed, 0, MAX_SEED) if body.get("seed") is not None else defaults.seed
+    return JobRequest(
+        prompt=_prompt(body.get("prompt"), limits),
+        negative_prompt=_negative(body.get("negative_prompt"), limits),
+        width=width, height=height, frames=_frames(body, defaults, limits), steps=steps, seed=seed,
+        guidance_scale=_float(body, "guidance_scale", defaults.cfg_scale, *GUIDANCE_RANGE),
+        embedded_guidance_scale=_float(body, "embedded_guidance_scale", defaults.embedded_cfg_scale,
+                                       *GUIDANCE_RANGE),
+        flow_shift=_float(body, "flow_shift", defaults.flow_shift, *FLOW_SHIFT_RANGE, open_low=True),
+        n=n, features={name: check(body[name], limits) for name, check in FEATURE_FIELDS.items()
+                       if name in body},
+    )
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _prompt(value: Any, limits: ServerLimits) -> str:
+    if not isinstance(value, str):
+        raise RequestError(f"prompt must be a string, got {_kind(value)}")
+    if not value.strip():
+        raise RequestError("prompt is empty: describe the video to generate")
+    if len(value) > limits.max_prompt_chars:
+        raise RequestError(f"prompt has {len(value)} characters; the limit is {limits.max_prompt_chars}")
+    return value.strip()
+
+
+def _negative(value: Any, limits: ServerLimits) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RequestError(f"negative_prompt must be a string, got {_kind(value)}")
+    if len(value) > limits.max_prompt_chars:
+        raise RequestError(f"negative_prompt has {len(value)} characters; the limit is "
+                           f"{limits.max_prompt_chars}")
+    return value.strip() or None
+
+
+def _size(value: Any, defaults: SamplingConfig, limits: ServerLimits) -> tuple[int, int]:
+    if value is None:
+        width, height = defaults.width, defaults.height
+    else:
+        match = _SIZE.match(value) if isinstance(value, str) else None
+        if match is None:
+            raise RequestError(f"size must be a string 'WIDTHxHEIGHT' such as '1280x720', got {value!r}")
+        width, height = int(match.group(1)), int(match.group(2))
+    for name, pixels in (("width", width), ("height", height)):
+        if not 16 <= pixels <= limits.max_side:
+            raise RequestError(f"size: {name} {pixels} is outside 16..{limits.max_side} pixels")
+        if pixels % 16:
+            raise RequestError(f"size: {name} {pixels} is not a multiple of 16 "
+                               f"(e.g. {pixels + 16 - pixels % 16})")
+    return width, height
+
+
+def _frames(body: Mapping[str, Any], defaults: SamplingConfig, limits: ServerLimits) -> int:
+    if "seconds" in body:
+        value = body["seconds"]
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RequestError(f"seconds must be a whole number >= 1 (e.g. 5 or \"5\"), got {value!r}")
+        frames = value * FPS + 1  # 24 frames a second plus the first frame: always 4k+1
+        if frames > limits.max_frames:
+            raise RequestError(f"seconds {value} means {frames} frames; the limit is {limits.max_frames} "
+                               f"({(limits.max_frames - 1) // FPS} s)")
+        return frames
+    frames = _int(body, "frames", defaults.video_length, 1, limits.max_frames)
+    if (frames - 1) % 4:
+        raise RequestError(f"frames must be 1 or 4k+1 (e.g. 65, 129), got {frames}")
+    return frames
+
+
+def _int(body: Mapping[str, Any], name: str, default: int | None, low: int, high: int) -> int | None:
+    value = body.get(name, default)
+    if name not in body or body[name] is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"{name} must be an integer, got {_kind(value)} {value!r}")
+    if not low <= value <= high:
+        raise RequestError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _float(body: Mapping[str, Any], name: str, default: float, low: float, high: float,
+           *, open_low: bool = False) -> float:
+    if name not in body or body[name] is None:
+        return default
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(f"{name} must be a number, got {_kind(value)} {value!r}")
+    if not (low < value if open_low else low <= value) or value > high:
+        bracket = "(" if open_low else "["
+        raise RequestError(f"{name} must be in {bracket}{low:g}, {high:g}], got {value}")
+    return float(value)

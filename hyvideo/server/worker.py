@@ -1,0 +1,216 @@
+"""The worker: one thread that owns the loaded sampler and runs the queued jobs one at a time.
+
+Per job it draws the seed (when the request left it open), runs `HunyuanVideoSampler.predict` with a step
+callback that records progress and checks for cancellation, then writes the mp4s and sidecars with the
+CLI's atomic writers. A cancelled job stops between two denoising steps, before anything is decoded or
+written, so it leaves no file.
+
+Under torchrun only rank 0 has a queue. Before each job it broadcasts a `JobSpec` to the other ranks
+(`follow_rank0`), which then run the same `predict` with it; the cancel decision is broadcast at every step
+so that all ranks stop at the same step. While idle, rank 0 broadcasts a heartbeat now and then, so the
+waiting ranks' broadcast never reaches the process group's timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hyvideo.config import Configs
+from hyvideo.server.schema import JobRequest
+from hyvideo.server.store import Job, JobStore
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.2  # how long the idle worker sleeps when no one wakes it
+HEARTBEAT_S = 30.0  # rank 0 -> other ranks while idle; far below any collective timeout
+
+
+class JobCancelled(Exception):
+    """Raised from the step callback to stop a job between two steps."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What rank 0 sends every rank: run a job (request + concrete seed), keep waiting, or stop."""
+
+    kind: str  # "run", "idle" or "stop"
+    job_id: str | None = None
+    request: dict[str, Any] | None = None
+    seed: int | None = None
+
+
+def feature_kwargs(features: dict[str, Any]) -> dict[str, Any]:
+    """Extra `predict` keyword arguments for a request's feature fields (schema.FEATURE_FIELDS).
+
+    The one place where a new per-job feature (LoRA scale, step cache, prompt rewrite, ...) reaches the
+    sampler. None is defined yet, so every request samples exactly as the CLI does.
+    """
+    unknown = set(features)
+    if unknown:
+        raise ValueError(f"no sampler support for feature field(s) {sorted(unknown)}")
+    return {}
+
+
+def run_job(sampler, configs: Configs, spec: JobSpec, *, on_step: Callable[[int, int], bool],
+            parallel=None):
+    """Sample one job on this rank; `on_step(step, total)` returns True to cancel (rank 0's verdict wins).
+
+    Returns the sampler's PredictOutput; raises JobCancelled when cancelled.
+    """
+    request = JobRequest.from_dict(spec.request)
+    multi = parallel is not None and parallel.enabled
+
+    def step_callback(index, timestep, latents):
+        stop = on_step(index + 1, request.steps)
+        if multi:
+            stop = _agree_flag(stop, parallel)
+        if stop:
+            raise JobCancelled(f"cancelled at step {index + 1} of {request.steps}")
+
+    guidance_embed = sampler.transformer.config.guidance_embed
+    return sampler.predict(
+        request.prompt, height=request.height, width=request.width, video_length=request.frames,
+        seed=spec.seed, negative_prompt=request.negative_prompt, infer_steps=request.steps,
+        guidance_scale=request.guidance_scale, flow_shift=request.flow_shift,
+        flow_reverse=configs.sampling.flow_reverse,
+        embedded_guidance_scale=request.embedded_guidance_scale if guidance_embed else None,
+        num_videos_per_prompt=request.n, enable_tiling=configs.model.vae_tiling, show_progress=False,
+        cache=configs.cache, callback=step_callback, **feature_kwargs(request.features),
+    )
+
+
+def job_configs(configs: Configs, spec: JobSpec) -> Configs:
+    """The server's configs with this job's sampling values: what its sidecar records."""
+    request = JobRequest.from_dict(spec.request)
+    return dataclasses.replace(configs, sampling=request.sampling_config(configs.sampling, seed=spec.seed))
+
+
+class Worker:
+    """Rank 0's job loop in a background thread."""
+
+    def __init__(self, store: JobStore, sampler, configs: Configs, save_dir: Path, *, parallel=None,
+                 draw_seed: Callable[[], int] | None = None):
+        from hyvideo.inference import draw_seed as default_draw
+
+        self.store, self.sampler, self.configs, self.save_dir = store, sampler, configs, save_dir
+        self.parallel = parallel if parallel is not None and parallel.enabled else None
+        self._draw_seed = draw_seed or default_draw
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="hyvideo-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        """A job was queued: look at once instead of after the poll interval."""
+        self._wake.set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the running job (if any), tell the other ranks to stop, end the thread."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _loop(self) -> None:
+        last_beat = time.monotonic()
+        while not self._stop.is_set():
+            job = self.store.claim_next()
+            if job is not None:
+                self._process(job)
+                last_beat = time.monotonic()
+                continue
+            self._wake.wait(POLL_S)
+            self._wake.clear()
+            if self.parallel is not None and time.monotonic() - last_beat > HEARTBEAT_S:
+                share_spec(JobSpec("idle"), self.parallel)
+                last_beat = time.monotonic()
+        if self.parallel is not None:
+            share_spec(JobSpec("stop"), self.parallel)
+
+    def _process(self, job: Job) -> None:
+        from hyvideo.runner import save_outputs
+
+        seed = job.request["seed"] if job.request.get("seed") is not None else self._draw_seed()
+        self.store.set_seed(job.id, seed)
+        spec = JobSpec("run", job.id, job.request, seed)
+        logger.info("Job %s: %s (seed %d)", job.id, job.request["prompt"][:80], seed)
+        try:
+            if self.parallel is not None:
+                share_spec(spec, self.parallel)
+            out = run_job(self.sampler, self.configs, spec, on_step=self._progress(job.id),
+                          parallel=self.parallel)
+            if self.store.is_deleted(job.id):
+                raise JobCancelled("deleted while running")
+            paths = save_outputs(out, job_configs(self.configs, spec), self.save_dir,
+                                 extra_facts={"job_id": job.id})
+            self.store.complete(job.id, [p.name for p in paths])
+            logger.info("Job %s completed: %s", job.id, ", ".join(p.name for p in paths))
+        except JobCancelled as exc:
+            logger.info("Job %s %s", job.id, exc)
+            if self._stop.is_set():  # the server is shutting down: the same verdict as after a crash
+                self.store.fail(job.id, "interrupted", "the server stopped while this job was running; "
+                                "submit it again")
+            else:
+                self.store.fail(job.id, "cancelled", str(exc))
+        except Exception as exc:  # the job fails, the server goes on
+            logger.exception("Job %s failed", job.id)
+            self.store.fail(job.id, "error", f"{type(exc).__name__}: {exc}"[:500])
+            if self.parallel is not None:  # the other ranks may be stuck in a collective: stop them all
+                logger.critical("a job failed under torchrun; stopping rank 0 so the launch ends")
+                os._exit(1)
+
+    def _progress(self, job_id: str) -> Callable[[int, int], bool]:
+        def on_step(step: int, total: int) -> bool:
+            self.store.set_progress(job_id, step, total)
+            return self._stop.is_set() or self.store.cancel_requested(job_id)
+
+        return on_step
+
+
+# --------------------------------------------------------------------------------------------------
+# torchrun: the ranks other than 0
+# --------------------------------------------------------------------------------------------------
+
+
+def share_spec(spec: JobSpec | None, parallel) -> JobSpec:
+    """Rank 0 passes its spec, the others None; every rank returns rank 0's spec."""
+    import torch.distributed as dist
+
+    box = [dataclasses.asdict(spec) if spec is not None else None]
+    dist.broadcast_object_list(box, src=0, device=parallel.comm_device)
+    return JobSpec(**box[0])
+
+
+def _agree_flag(flag: bool, parallel) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([1 if flag else 0], dtype=torch.int64, device=parallel.comm_device)
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
+def follow_rank0(sampler, configs: Configs, parallel) -> None:
+    """Ranks 1..N-1: run every job rank 0 announces, until it says stop."""
+    while True:
+        spec = share_spec(None, parallel)
+        if spec.kind == "stop":
+            return
+        if spec.kind != "run":
+            continue
+        try:
+            run_job(sampler, configs, spec, on_step=lambda step, total: False, parallel=parallel)
+        except JobCancelled:
+            pass
