@@ -1033,9 +1033,6 @@ def announce_adjustments(args: argparse.Namespace) -> None:
         if tuple(args.video_size) != tuple(defaults.video_size):
             logger.warning("--video-size is replaced in --i2v-mode by the --i2v-resolution %s bucket closest "
                            "to the image's aspect ratio", args.i2v_resolution)
-        logger.info("--i2v-mode: flow shift %s, embedded guidance %s (the I2V repository has no default for "
-                    "it; 6.0 is the value of all its recipes)", resolve_flow_shift(args),
-                    args.embedded_cfg_scale)
     for name in NO_EFFECT_FLAGS:
         if getattr(args, name) != getattr(defaults, name):
             logger.warning("--%s has no effect (kept for compatibility with the original)",
