@@ -306,8 +306,9 @@ def with_i2v_bucket(configs: Configs) -> Configs:
     height, width = bucket_for_image(image.height, image.width, configs.i2v.resolution)
     logger.info("--i2v-mode: image %dx%d -> %s bucket %dx%d (H x W), which replaces --video-size",
                 image.width, image.height, configs.i2v.resolution, height, width)
-    guidance = (f"{configs.sampling.embedded_cfg_scale} (the I2V repository has no default; all its recipes "
-                "use 6.0)" if configs.model.dit.guidance_embed else "none (the 33-channel DiT has no guidance_in)")
+    guidance = "none (the 33-channel DiT has no guidance_in)"
+    if configs.model.dit.guidance_embed:
+        guidance = f"{configs.sampling.embedded_cfg_scale} (the I2V repository has no default; its recipes use 6.0)"
     logger.info("--i2v-mode: %s, flow shift %s, embedded guidance %s", configs.i2v.condition_type,
                 configs.sampling.flow_shift, guidance)
     sampling = dataclasses.replace(configs.sampling, height=height, width=width)
