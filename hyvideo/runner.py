@@ -308,7 +308,7 @@ def with_i2v_bucket(configs: Configs) -> Configs:
                 image.width, image.height, configs.i2v.resolution, height, width)
     guidance = "none (the 33-channel DiT has no guidance_in)"
     if configs.model.dit.guidance_embed:
-        guidance = f"{configs.sampling.embedded_cfg_scale} (no default in the I2V repository; its recipes: 6.0)"
+        guidance = f"{configs.sampling.embedded_cfg_scale} (no I2V repository default; its recipes: 6.0)"
     logger.info("--i2v-mode: %s, flow shift %s, embedded guidance %s", configs.i2v.condition_type,
                 configs.sampling.flow_shift, guidance)
     sampling = dataclasses.replace(configs.sampling, height=height, width=width)
