@@ -746,6 +746,8 @@ def i2v_flag_errors(args: argparse.Namespace) -> list[str]:
         errors.append(f"--i2v-image-path {args.i2v_image_path}: no such file")
     if args.use_lora != (args.lora_path is not None):
         errors.append("--use-lora and --lora-path go together (or use --lora PATH --lora-ignore-alpha)")
+    if args.i2v_mode and args.prompt is not None and "<image>" in args.prompt:
+        errors.append("--prompt must not contain the text <image> in --i2v-mode (the LLaVA's image token)")
     if args.i2v_mode and args.video_length == 1:
         errors.append("--i2v-mode makes videos: --video-length must be 4k+1 > 1 (e.g. 129)")
     return errors

@@ -96,6 +96,7 @@ def test_i2v_lora_flags_map_onto_lora(tmp_path, image):
         (["--i2v-image-path", "x.png"], "--i2v-image-path needs --i2v-mode"),
         (["--use-lora"], "--use-lora and --lora-path go together"),
         (["--i2v-resolution", "1080p"], "--i2v-resolution"),
+        (["--i2v-mode", "--i2v-image-path", __file__, "--prompt", "an <image> of a cat"], "must not contain"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):

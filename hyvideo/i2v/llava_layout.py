@@ -66,7 +66,8 @@ def expand_image_tokens(
     found = (input_ids == image_token_id).nonzero()
     if found.shape[0] != input_ids.shape[0] or not bool((found[:, 1] == at).all()):
         raise ValueError(
-            f"each I2V prompt must hold exactly one <image> token at position {at}; check the template"
+            f"each I2V prompt needs exactly one <image> token, at position {at} (the template's): remove "
+            "the text <image> from the prompt"
         )
     repeat = torch.ones(input_ids.shape[1], dtype=torch.long)
     repeat[at] = layout.image_tokens
