@@ -32,6 +32,15 @@ from hyvideo.diffusion.cache import (
     settings_errors,
 )
 from hyvideo.diffusion.cache_tables import DEFAULT_THRESHOLDS, load_ratios_file
+from hyvideo.i2v.image import I2V_RESOLUTIONS
+from hyvideo.i2v.settings import (
+    I2V_CONDITION_TYPES,
+    I2V_DIT_SUBDIR,
+    I2V_FLOW_SHIFT,
+    I2V_TEXT_ENCODER_SUBDIR,
+    T2V_FLOW_SHIFT,
+    I2VConfig,
+)
 from hyvideo.lowmem.offload import OFFLOAD_MODES
 from hyvideo.modules.attention import attention_backend_problem
 from hyvideo.modules.compile import COMPILE_MODES
@@ -125,6 +134,8 @@ class ModelConfig:
     compile_mode: str = "default"
     fp8_gemm: bool = False  # --fp8-gemm: fp8 matmuls in the block linears (hyvideo/modules/fp8_gemm.py)
     dit_chunk_tokens: int | None = None  # --dit-chunk-tokens: None automatic, 0 off (hyvideo/lowmem/chunking.py)
+    dit_subdir: str = DIT_SUBDIR  # the DiT + VAE folder under model_base (I2V: hunyuan-video-i2v-720p)
+    text_encoder_subdir: str = "text_encoder"  # I2V: text_encoder_i2v (the whole LLaVA)
     # --vae-tile-size / --vae-tile-frames: VAE decode tile in pixels / frames; None: the VAE config.json's
     # sample_size / sample_tsize (the released VAE's 256 px / 64 frames).
     vae_tile_size: int | None = None
@@ -135,15 +146,15 @@ class ModelConfig:
         if self.dit_weight is not None:
             return self.dit_weight
         name = DIT_FP8_FILE if self.use_fp8 else DIT_FILE
-        return self.model_base / DIT_SUBDIR / "transformers" / name
+        return self.model_base / self.dit_subdir / "transformers" / name
 
     @property
     def vae_path(self) -> Path:
-        return self.model_base / DIT_SUBDIR / "vae"
+        return self.model_base / self.dit_subdir / "vae"
 
     @property
     def text_encoder_path(self) -> Path:
-        return self.model_base / "text_encoder"
+        return self.model_base / self.text_encoder_subdir
 
     @property
     def text_encoder_2_path(self) -> Path:
@@ -218,6 +229,7 @@ class Configs:
     runtime: RuntimeConfig
     rewrite: RewriteConfig = RewriteConfig()  # --prompt-rewrite (off by default)
     cache: CacheConfig = CacheConfig()  # --cache*: step caching (off by default)
+    i2v: I2VConfig = I2VConfig()  # --i2v-*: image-to-video (off by default)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,7 +385,9 @@ def _add_denoise_schedule_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Denoise schedule args")
     group.add_argument("--denoise-type", type=str, default="flow", choices=["flow"],
                        help="Only flow matching is supported.")
-    group.add_argument("--flow-shift", type=float, default=7.0, help="Time shift of the flow schedule.")
+    # Differs: default None = 7.0, or 17.0 with --i2v-mode (the I2V repository's default).
+    group.add_argument("--flow-shift", type=float, default=None,
+                       help="Time shift of the flow schedule (default 7.0; 17.0 with --i2v-mode).")
     # Differs: on by default. The original defaults to off, which samples in the wrong direction and
     # yields noise unless every command remembers --flow-reverse.
     group.add_argument("--flow-reverse", action=argparse.BooleanOptionalAction, default=True,
@@ -587,7 +601,11 @@ def split_lora_arg(text: str) -> tuple[str, float | None]:
 
 def lora_specs(args: argparse.Namespace) -> tuple[tuple[LoraSpec, ...], list[str]]:
     """The --lora / --lora-scale flags as LoraSpecs, and the problems with them (one line each)."""
-    paths, scales = args.lora or [], args.lora_scale or []
+    paths, scales = list(args.lora or []), args.lora_scale or []
+    # The I2V repository's --use-lora --lora-path: one more --lora, with alpha ignored like its loader.
+    own_flags = len(paths)
+    if getattr(args, "use_lora", False) and getattr(args, "lora_path", None):
+        paths.append(args.lora_path)
     errors, specs = [], []
     if len(scales) > len(paths):
         errors.append(f"--lora-scale given {len(scales)} times but --lora {len(paths)} times: give at most one "
@@ -605,7 +623,7 @@ def lora_specs(args: argparse.Namespace) -> tuple[tuple[LoraSpec, ...], list[str
                           "use the .safetensors version of the LoRA")
         elif not Path(path).is_file():
             errors.append(f"--lora {path}: no such file")
-        specs.append(LoraSpec(Path(path), scale, args.lora_ignore_alpha))
+        specs.append(LoraSpec(Path(path), scale, args.lora_ignore_alpha or index >= own_flags))
     return tuple(specs), errors
 
 
@@ -686,8 +704,88 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lora_args(parser)
     _add_speed_args(parser)
     _add_memory_args(parser)
+    _add_i2v_args(parser)
     _add_reliability_args(parser)
     return parser
+
+
+def _add_i2v_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Image-to-video args (HunyuanVideo-I2V)")
+    group.add_argument("--i2v-mode", action="store_true",
+                       help="Image-to-video: animate --i2v-image-path (needs the HunyuanVideo-I2V weights).")
+    group.add_argument("--i2v-image-path", type=str, default=None,
+                       help="The reference image (PNG/JPEG/WebP; RGBA and greyscale become RGB).")
+    group.add_argument("--i2v-resolution", type=str, default="720p", choices=sorted(I2V_RESOLUTIONS),
+                       help="Bucket size; the bucket closest to the image's aspect replaces --video-size.")
+    group.add_argument("--i2v-condition-type", type=str, default="token_replace", choices=I2V_CONDITION_TYPES,
+                       help="token_replace: the current checkpoint; latent_concat: the first (33-channel) "
+                            "one.")
+    group.add_argument("--i2v-stability", action="store_true",
+                       help="Start from 0.999 noise + 0.001 image latents (the 'stable' recipe, with "
+                            "--flow-shift 7).")
+    group.add_argument("--i2v-dit-weight", type=str, default=None,
+                       help="I2V DiT weights (default: <model-base>/hunyuan-video-i2v-720p/transformers/"
+                            "mp_rank_00_model_states.pt).")
+    # The I2V repository's LoRA flags, mapped onto --lora with alpha ignored (its effect LoRAs need that).
+    group.add_argument("--use-lora", action="store_true", help="I2V repository spelling: apply --lora-path.")
+    group.add_argument("--lora-path", type=str, default=None,
+                       help="I2V repository spelling of --lora PATH --lora-ignore-alpha (with --use-lora).")
+
+
+def i2v_flag_errors(args: argparse.Namespace) -> list[str]:
+    """Problems with the --i2v-* flags (the image itself is checked when it is loaded)."""
+    errors = []
+    given = [f for f in ("i2v_image_path", "i2v_dit_weight") if getattr(args, f) is not None]
+    if not args.i2v_mode:
+        given += ["i2v_stability"] if args.i2v_stability else []
+        if given:
+            errors.append(f"--{given[0].replace('_', '-')} needs --i2v-mode")
+    elif args.i2v_image_path is None:
+        errors.append("--i2v-mode needs --i2v-image-path IMAGE (the first frame to animate)")
+    elif not Path(args.i2v_image_path).is_file():
+        errors.append(f"--i2v-image-path {args.i2v_image_path}: no such file")
+    if args.use_lora != (args.lora_path is not None):
+        errors.append("--use-lora and --lora-path go together (or use --lora PATH --lora-ignore-alpha)")
+    if args.i2v_mode and args.prompt is not None and "<image>" in args.prompt:
+        errors.append("--prompt must not contain the text <image> in --i2v-mode (the LLaVA's image token)")
+    if args.i2v_mode and args.video_length == 1:
+        errors.append("--i2v-mode makes videos: --video-length must be 4k+1 > 1 (e.g. 129)")
+    return errors
+
+
+def i2v_config_from_args(args: argparse.Namespace) -> I2VConfig:
+    return I2VConfig(
+        enabled=args.i2v_mode, image_path=Path(args.i2v_image_path) if args.i2v_image_path else None,
+        resolution=args.i2v_resolution, condition_type=args.i2v_condition_type, stability=args.i2v_stability,
+    )
+
+
+def i2v_dit_config(dit: DiTConfig, i2v: I2VConfig, latent_channels: int) -> DiTConfig:
+    """The I2V DiT: T2V-cfgdistill + token replace, or the legacy latent_concat checkpoint (33 input
+    channels = latents + image latents + mask, and no guidance_in)."""
+    if i2v.condition_type == "latent_concat":
+        return dit.with_updates(in_channels=2 * latent_channels + 1, guidance_embed=False,
+                                image_condition_type="latent_concat")
+    return dit.with_updates(image_condition_type="token_replace")
+
+
+def i2v_model_paths(args: argparse.Namespace) -> dict:
+    """ModelConfig fields that move to the I2V checkpoint folders in --i2v-mode (none otherwise)."""
+    if not args.i2v_mode:
+        return {}
+    return {"dit_subdir": I2V_DIT_SUBDIR, "text_encoder_subdir": I2V_TEXT_ENCODER_SUBDIR}
+
+
+def dit_weight_arg(args: argparse.Namespace) -> Path | None:
+    """--dit-weight, or --i2v-dit-weight in --i2v-mode; None: the official file under --model-base."""
+    weight = (args.i2v_dit_weight if args.i2v_mode else None) or args.dit_weight
+    return Path(weight) if weight else None
+
+
+def resolve_flow_shift(args: argparse.Namespace) -> float:
+    if args.flow_shift is not None:
+        return args.flow_shift
+    return I2V_FLOW_SHIFT if args.i2v_mode else T2V_FLOW_SHIFT
 
 
 # --------------------------------------------------------------------------------------------------
@@ -716,7 +814,7 @@ def validation_errors(args: argparse.Namespace) -> list[str]:
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if math.isfinite(args.flow_shift) and args.flow_shift <= 0:
+    if args.flow_shift is not None and math.isfinite(args.flow_shift) and args.flow_shift <= 0:
         errors.append(f"--flow-shift must be > 0, got {args.flow_shift}")
     if args.hidden_state_skip_layer < 0:
         errors.append(f"--hidden-state-skip-layer must be >= 0, got {args.hidden_state_skip_layer}")
@@ -730,7 +828,7 @@ def validation_errors(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None and not args.prompt.strip():
         errors.append("--prompt is empty")
     errors += rewrite_validation_errors(args)
-    errors += lora_specs(args)[1]
+    errors += lora_specs(args)[1] + i2v_flag_errors(args)
     if args.fp8_gemm and not args.use_fp8:
         errors.append("--fp8-gemm multiplies the fp8 weights directly: add --use-fp8")
     # Not for --plan-memory / --decode-latents: they run no attention (a plan may be made on a laptop).
@@ -817,7 +915,7 @@ def reliability_errors(args: argparse.Namespace) -> list[str]:
     errors = []
     for name in ("cfg_scale", "embedded_cfg_scale", "flow_shift"):
         value = getattr(args, name)
-        if not math.isfinite(value):
+        if value is not None and not math.isfinite(value):  # --flow-shift None: 7.0 or 17.0 (i2v)
             errors.append(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if len(args.video_size) in (1, 2) and max(args.video_size) > MAX_VIDEO_SIDE:
         errors.append(f"--video-size must be at most {MAX_VIDEO_SIDE} pixels a side (the model was trained "
@@ -872,9 +970,12 @@ def configs_from_args(args: argparse.Namespace) -> Configs:
         rope_theta=float(args.rope_theta), text_states_dim=args.text_states_dim,
         text_states_dim_2=args.text_states_dim_2,
     )
+    i2v = i2v_config_from_args(args)
+    if i2v.enabled:
+        dit = i2v_dit_config(dit, i2v, args.latent_channels)
     model = ModelConfig(
         model=args.model, dit=dit, precision=args.precision, model_base=Path(args.model_base),
-        dit_weight=Path(args.dit_weight) if args.dit_weight else None, load_key=args.load_key,
+        dit_weight=dit_weight_arg(args), load_key=args.load_key,
         use_fp8=args.use_fp8, attn_backend=args.attn_backend, vae=args.vae,
         vae_precision=args.vae_precision, vae_tiling=args.vae_tiling, text_encoder=args.text_encoder,
         text_encoder_precision=args.text_encoder_precision, text_len=args.text_len,
@@ -885,7 +986,7 @@ def configs_from_args(args: argparse.Namespace) -> Configs:
         tokenizer_2=args.tokenizer_2, text_len_2=args.text_len_2, loras=lora_specs(args)[0],
         compile=args.compile, compile_mode=args.compile_mode, fp8_gemm=args.fp8_gemm,
         dit_chunk_tokens=args.dit_chunk_tokens, vae_tile_size=args.vae_tile_size,
-        vae_tile_frames=args.vae_tile_frames,
+        vae_tile_frames=args.vae_tile_frames, **i2v_model_paths(args),
     )
     if args.prompt_file is not None:
         prompts = read_prompt_file(args.prompt_file)
@@ -895,7 +996,8 @@ def configs_from_args(args: argparse.Namespace) -> Configs:
     sampling = SamplingConfig(
         prompts=prompts, neg_prompt=args.neg_prompt, height=height, width=width,
         video_length=args.video_length, infer_steps=args.infer_steps, seed=args.seed,
-        cfg_scale=args.cfg_scale, embedded_cfg_scale=args.embedded_cfg_scale, flow_shift=args.flow_shift,
+        cfg_scale=args.cfg_scale, embedded_cfg_scale=args.embedded_cfg_scale,
+        flow_shift=resolve_flow_shift(args),
         flow_reverse=args.flow_reverse, flow_solver=args.flow_solver, denoise_type=args.denoise_type,
         num_videos=args.num_videos, batch_size=args.batch_size,
     )
@@ -915,7 +1017,7 @@ def configs_from_args(args: argparse.Namespace) -> Configs:
     if runtime.auto_layout and not env.under_launcher:  # one process: 1 x 1, recorded as before
         runtime = dataclasses.replace(runtime, ulysses_degree=1, ring_degree=1)
     return Configs(model=model, sampling=sampling, runtime=runtime, rewrite=rewrite_config_from_args(args),
-                   cache=cache_config_from_args(args))
+                   cache=cache_config_from_args(args), i2v=i2v)
 
 
 def announce_adjustments(args: argparse.Namespace) -> None:
@@ -929,6 +1031,10 @@ def announce_adjustments(args: argparse.Namespace) -> None:
         logger.warning("--neg-prompt has no effect without --cfg-scale > 1 (got %g): the negative branch "
                        "only runs with classifier-free guidance", args.cfg_scale)
     defaults = build_parser().parse_args([])
+    if args.i2v_mode:
+        if tuple(args.video_size) != tuple(defaults.video_size):
+            logger.warning("--video-size is replaced in --i2v-mode by the --i2v-resolution %s bucket closest "
+                           "to the image's aspect ratio", args.i2v_resolution)
     for name in NO_EFFECT_FLAGS:
         if getattr(args, name) != getattr(defaults, name):
             logger.warning("--%s has no effect (kept for compatibility with the original)",

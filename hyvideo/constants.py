@@ -105,6 +105,9 @@ class DiTConfig:
     text_states_dim: int = 4096
     text_states_dim_2: int = 768
     refiner_depth: int = 2
+    # Image-to-video: None (T2V), "token_replace" (the tokens of latent frame 0 are modulated from t = 0)
+    # or "latent_concat" (the image enters through extra input channels; no change inside the model).
+    image_condition_type: str | None = None
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.heads_num != 0:
@@ -115,6 +118,9 @@ class DiTConfig:
             raise ValueError(
                 f"sum(rope_dim_list) = {sum(self.rope_dim_list)} must equal head_dim {self.head_dim}"
             )
+        if self.image_condition_type not in (None, "token_replace", "latent_concat"):
+            raise ValueError(f"image_condition_type must be None, token_replace or latent_concat, "
+                             f"got {self.image_condition_type!r}")
         if len(self.patch_size) != 3 or len(self.rope_dim_list) != 3:
             raise ValueError("patch_size and rope_dim_list must both have 3 entries (t, h, w)")
 

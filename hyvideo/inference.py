@@ -284,6 +284,20 @@ def prepare_loras(cfg: ModelConfig) -> list[tuple]:
     return prepared
 
 
+def i2v_negative_prompt(negative: str | None) -> str:
+    """Parity: the I2V repository's own default negative prompt when none is given."""
+    from hyvideo.i2v.llava_layout import NEGATIVE_PROMPT_I2V
+
+    return negative.strip() if negative and negative.strip() else NEGATIVE_PROMPT_I2V
+
+
+def drop_leading_frames(videos: torch.Tensor, condition_type: str | None) -> torch.Tensor:
+    """Parity: the latent_concat release drops the first 4 decoded frames; token_replace keeps all."""
+    from hyvideo.i2v.settings import LATENT_CONCAT_DROPPED_FRAMES
+
+    return videos[:, :, LATENT_CONCAT_DROPPED_FRAMES:] if condition_type == "latent_concat" else videos
+
+
 def load_vae_component(cfg: ModelConfig, device: torch.device):
     from hyvideo.vae import load_vae
 
@@ -303,7 +317,18 @@ def load_vae_component(cfg: ModelConfig, device: torch.device):
 def load_text_encoders(cfg: ModelConfig, device: torch.device) -> dict:
     from hyvideo.text_encoder import CLIPTextEncoder, TextEncoder
 
-    llm = TextEncoder.from_pretrained(
+    if cfg.dit.image_condition_type is not None:  # --i2v-mode: the whole LLaVA (text + reference image)
+        from hyvideo.i2v.llava import LlavaTextEncoder
+
+        llm = LlavaTextEncoder.from_pretrained(
+            require_path(cfg.text_encoder_path, "I2V LLaVA text encoder folder"),
+            dtype=PRECISION_TO_TYPE[cfg.text_encoder_precision], device=device,
+            interleave=4 if cfg.dit.image_condition_type == "token_replace" else 2,
+            hidden_state_skip_layer=cfg.hidden_state_skip_layer,
+        )
+    else:
+        llm = None
+    llm = llm or TextEncoder.from_pretrained(
         require_path(cfg.text_encoder_path, "LLM text encoder folder"),
         dtype=PRECISION_TO_TYPE[cfg.text_encoder_precision], device=device, text_len=cfg.text_len,
         prompt_template=PROMPT_TEMPLATE[cfg.prompt_template],
@@ -380,6 +405,40 @@ class HunyuanVideoSampler(Inference):
         if self._lora_stack is not None:
             self._lora_stack.clear()
 
+    def _negative_prompt_record(self, negative: str | None, guidance_scale: float, *, i2v: bool) -> str:
+        if guidance_scale <= 1:
+            return ""
+        return i2v_negative_prompt(negative) if i2v else self.pipeline.resolve_negative_prompt(negative)
+
+    def _i2v_inputs(self, prompt: str, negative: str | None, image, size: tuple[int, int],
+                    stability: bool, *, cfg: bool) -> dict:
+        """Pipeline arguments for image-to-video: LLaVA + CLIP conditions, and the image latents."""
+        from hyvideo.diffusion.pipelines import TextConditions
+        from hyvideo.i2v import image_to_tensor, resize_and_center_crop
+        from hyvideo.i2v.conditioning import ImageCondition, encode_image_latents
+
+        pipe = self.pipeline
+        with pipe.stage("text_encoder", "text_encoder_2"):
+            def encode(text: str, picture) -> TextConditions:
+                llm = self.text_encoder.encode([text], [picture], device=pipe.device)
+                clip = self.text_encoder_2.encode([text], device=pipe.device)
+                return TextConditions(llm.hidden_state, llm.attention_mask, clip.pooled_output)
+
+            # Parity: the LLaVA sees the original image file (its own CLIP-336 preprocessing), not the crop;
+            # the negative branch sees a black image of the same size.
+            cond = encode(prompt, image)
+            negative_cond = None
+            if cfg:
+                from PIL import Image
+
+                negative_cond = encode(i2v_negative_prompt(negative), Image.new("RGB", image.size))
+        pixels = image_to_tensor(resize_and_center_crop(image, size))  # (1, 3, 1, H, W)
+        with pipe.stage("vae"):
+            latents = encode_image_latents(self.vae, pixels, vae_dtype=pipe.vae_dtype,
+                                           use_autocast=pipe.use_autocast, device=pipe.device)
+        condition = ImageCondition(latents, self.transformer.config.image_condition_type, stability)
+        return {"prompt_conditions": cond, "negative_conditions": negative_cond, "image_condition": condition}
+
     def predict(
         self,
         prompt: str,
@@ -399,6 +458,8 @@ class HunyuanVideoSampler(Inference):
         enable_tiling: bool = True,
         show_progress: bool = True,
         cache=None,
+        reference_image=None,
+        i2v_stability: bool = False,
         callback=None,
     ) -> PredictOutput:
         """Generate `num_videos_per_prompt` videos for one prompt; video i uses seed `seed + i`.
@@ -406,6 +467,8 @@ class HunyuanVideoSampler(Inference):
         Under sequence parallelism call it on every rank with the same arguments: the seed is rank 0's,
         only rank 0 shows the progress bar, and every rank returns the same output. `cache`: step-cache
         settings (hyvideo.diffusion.cache.CacheConfig); None or policy "none" runs every block.
+        `reference_image` (I2V, a PIL RGB image; needs an I2V DiT): it is resized and center-cropped to
+        height x width (its bucket, see hyvideo.i2v.bucket_for_image) and becomes the first frame.
         `callback(step_index, timestep, latents)` runs after every denoising step (progress, cancellation:
         an exception raised there aborts the call before anything is decoded).
         """
@@ -427,8 +490,15 @@ class HunyuanVideoSampler(Inference):
         logger.info("Sampling %d video(s) of %dx%dx%d (HxWxframes), %d steps, seeds %s", len(seeds), target_h,
                     target_w, video_length, infer_steps, seeds)
         started = time.perf_counter()
+        i2v = {}
+        if reference_image is not None:
+            i2v = self._i2v_inputs(prompt.strip(), negative, reference_image, (target_h, target_w),
+                                   i2v_stability, cfg=guidance_scale > 1.0)
+        elif self.transformer.config.image_condition_type is not None:
+            raise ValueError("this is an image-to-video DiT: pass a reference image (--i2v-image-path)")
         out = self.pipeline(
-            prompt.strip(), height=target_h, width=target_w, video_length=video_length,
+            None if i2v else prompt.strip(), **i2v, height=target_h, width=target_w,
+            video_length=video_length,
             num_inference_steps=infer_steps, guidance_scale=guidance_scale, negative_prompt=negative,
             embedded_guidance_scale=embedded_guidance_scale, num_videos_per_prompt=len(seeds),
             generator=generators, data_type="video" if video_length > 1 else "image",
@@ -437,10 +507,13 @@ class HunyuanVideoSampler(Inference):
             callback_on_step_end=callback,
         )
         elapsed = time.perf_counter() - started
+        if reference_image is not None and out.videos is not None:
+            out.videos = drop_leading_frames(out.videos, self.transformer.config.image_condition_type)
         logger.info("Success, time: %.1f s", elapsed)
         return PredictOutput(
             samples=out.videos, latents=out.latents, seeds=seeds, prompt=prompt.strip(),
-            negative_prompt=self.pipeline.resolve_negative_prompt(negative) if guidance_scale > 1 else "",
+            negative_prompt=self._negative_prompt_record(negative, guidance_scale,
+                                                         i2v=reference_image is not None),
             size=(target_h, target_w, video_length), timings={**out.timings, "total_s": elapsed},
             step_cache=out.step_cache,
             loras=self._lora_stack.records() if self._lora_stack is not None else [],

@@ -105,6 +105,7 @@ def _run_cli(configs: Configs) -> int:
             configs = dataclasses.replace(configs, runtime=dataclasses.replace(
                 runtime, ulysses_degree=layout.ulysses_degree, ring_degree=layout.ring_degree))
             loras = prepare_loras(configs.model)  # a LoRA that does not fit fails before any loading
+            configs = with_i2v_bucket(configs)  # a bad --i2v-image-path fails before any loading
             from hyvideo.lowmem.memory_check import check_memory_fits
 
             check_memory_fits(configs)  # before minutes of loading: refuse what cannot fit
@@ -263,6 +264,7 @@ def _sample(configs: Configs, save_dir: Path, groups, loras: list) -> None:
     configs = dataclasses.replace(configs, model=dataclasses.replace(configs.model,
                                                                      dit=sampler.transformer.config))
     seed = agree_seed(sampling.seed, state)  # one seed for the whole run, the same on every rank
+    image = reference_image(configs)  # --i2v-mode: sampling.height/width already hold its bucket
     calibrations = []
     for index, prompt in enumerate(sampling.prompts):
         rewrite = rewrites[index] if rewrites is not None else None
@@ -276,12 +278,41 @@ def _sample(configs: Configs, save_dir: Path, groups, loras: list) -> None:
             if sampler.transformer.config.guidance_embed else None,
             num_videos_per_prompt=sampling.num_videos * sampling.batch_size,
             enable_tiling=configs.model.vae_tiling, cache=configs.cache,
+            reference_image=image, i2v_stability=configs.i2v.stability,
         )
         if state.is_main:  # every rank holds the same videos; one writes them
             save_outputs(out, configs, save_dir, rewrite=rewrite)
             calibrations.append(out.step_cache)
     if state.is_main and configs.cache.calibrate:
         report_calibration(calibrations, configs)
+
+
+def reference_image(configs: Configs):
+    """The checked --i2v-image-path image (PIL RGB), or None outside --i2v-mode."""
+    if not configs.i2v.enabled:
+        return None
+    from hyvideo.i2v import load_reference_image
+
+    return load_reference_image(configs.i2v.image_path)
+
+
+def with_i2v_bucket(configs: Configs) -> Configs:
+    """In --i2v-mode, the configs with the image's bucket as the video size (logged); else unchanged."""
+    image = reference_image(configs)
+    if image is None:
+        return configs
+    from hyvideo.i2v import bucket_for_image
+
+    height, width = bucket_for_image(image.height, image.width, configs.i2v.resolution)
+    logger.info("--i2v-mode: image %dx%d -> %s bucket %dx%d (H x W), which replaces --video-size",
+                image.width, image.height, configs.i2v.resolution, height, width)
+    guidance = "none (the 33-channel DiT has no guidance_in)"
+    if configs.model.dit.guidance_embed:
+        guidance = f"{configs.sampling.embedded_cfg_scale} (no I2V repository default; its recipes: 6.0)"
+    logger.info("--i2v-mode: %s, flow shift %s, embedded guidance %s", configs.i2v.condition_type,
+                configs.sampling.flow_shift, guidance)
+    sampling = dataclasses.replace(configs.sampling, height=height, width=width)
+    return dataclasses.replace(configs, sampling=sampling)
 
 
 def report_calibration(summaries: list[dict], configs: Configs) -> None:

@@ -20,7 +20,7 @@ def main() -> int:
     parser.add_argument("root", type=Path, help="folder to write (created if missing)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    write_tiny_checkpoints(args.root)
+    write_tiny_checkpoints(args.root, i2v=True)  # the T2V and the I2V (image-to-video) trees
     return 0
 
 

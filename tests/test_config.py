@@ -73,6 +73,7 @@ ORIGINAL_FLAGS = {
 OUR_DEFAULTS = {
     "--flow-reverse": True,  # the original's False samples backwards and yields noise
     "--dit-weight": None,  # resolved under --model-base
+    "--flow-shift": None,  # resolved: 7.0, or 17.0 with --i2v-mode
     # None = chosen from torchrun's process count (1 x 1 in one process: RuntimeConfig records 1, as before)
     "--ulysses-degree": None,
     "--ring-degree": None,
@@ -161,6 +162,11 @@ def test_every_flag_reaches_the_configs(tmp_path):
         reference = base
         if action.dest in ("lora_scale", "lora_ignore_alpha"):  # these act on the --lora flags
             args.lora = ["x.safetensors"]
+            reference = config.configs_from_args(args)
+        partners = {"i2v_dit_weight": ("i2v_mode", True), "use_lora": ("lora_path", "x.safetensors"),
+                    "lora_path": ("use_lora", True)}  # flags that only act together with another
+        if action.dest in partners:
+            setattr(args, *partners[action.dest])
             reference = config.configs_from_args(args)
         value = files[action.dest] if action.dest in files else _changed_value(action)
         setattr(args, action.dest, value)

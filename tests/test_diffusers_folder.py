@@ -61,10 +61,15 @@ def test_diffusers_config_round_trips_every_field():
     assert dit_config_from_diffusers(json.loads(json.dumps(values))) == TINY_DIT_TEST
 
 
-def test_image_to_video_config_is_refused():
-    values = {"_class_name": "HunyuanVideoTransformer3DModel", "image_condition_type": "latent_concat"}
-    with pytest.raises(ValueError, match="image-to-video"):
-        dit_config_from_diffusers(values)
+def test_image_to_video_configs_are_read():
+    # hunyuanvideo-community/HunyuanVideo-I2V (-33ch): the I2V models are options of the same DiT (--i2v-mode)
+    values = {"_class_name": "HunyuanVideoTransformer3DModel", "image_condition_type": "latent_concat",
+              "in_channels": 33, "guidance_embeds": False}
+    config = dit_config_from_diffusers(values)
+    assert config.image_condition_type == "latent_concat" and config.in_channels == 33
+    assert not config.guidance_embed
+    with pytest.raises(ValueError, match="image_condition_type"):
+        dit_config_from_diffusers({**values, "image_condition_type": "concat"})
 
 
 def test_our_dit_config_wins_and_the_disagreement_is_logged(twin_and_folder, tmp_path, caplog):

@@ -218,9 +218,9 @@ def dit_config_from_diffusers(values: Mapping, source: str = "config.json") -> D
     if unknown:
         raise ValueError(f"{source}: fields this loader does not know: {unknown}")
     v = {**_DIFFUSERS_DEFAULTS, **{k: values[k] for k in values if not k.startswith("_")}}
-    if v["image_condition_type"] is not None:
-        raise ValueError(f"{source} describes an image-to-video transformer (image_condition_type="
-                         f"{v['image_condition_type']!r}); only text-to-video is supported")
+    if v["image_condition_type"] not in (None, "token_replace", "latent_concat"):
+        raise ValueError(f"{source}: unknown image-to-video image_condition_type {v['image_condition_type']!r} "
+                         "(known: token_replace, latent_concat)")
     if v["qk_norm"] != "rms_norm":
         raise ValueError(f"{source}: qk_norm {v['qk_norm']!r} is not supported (HunyuanVideo: 'rms_norm')")
     heads, head_dim = int(v["num_attention_heads"]), int(v["attention_head_dim"])
@@ -232,7 +232,7 @@ def dit_config_from_diffusers(values: Mapping, source: str = "config.json") -> D
         in_channels=int(v["in_channels"]), out_channels=int(v["out_channels"]), qk_norm=True,
         qk_norm_type="rms", guidance_embed=bool(v["guidance_embeds"]),
         text_states_dim=int(v["text_embed_dim"]), text_states_dim_2=int(v["pooled_projection_dim"]),
-        refiner_depth=int(v["num_refiner_layers"]),
+        refiner_depth=int(v["num_refiner_layers"]), image_condition_type=v["image_condition_type"],
     )
 
 

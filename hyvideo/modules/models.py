@@ -30,7 +30,15 @@ from ..parallel.groups import SequenceParallelState
 from .attention import AttentionBackend, attention, resolve_attention_backend
 from .embed_layers import PatchEmbed, TimestepEmbedder
 from .mlp_layers import MLP, FinalLayer, MLPEmbedder, get_activation_layer
-from .modulate_layers import ModulateDiT, ModulationOut, apply_gate, modulate
+from .modulate_layers import (
+    ModulateDiT,
+    ModulationOut,
+    TokenReplace,
+    apply_gate,
+    modulate,
+    modulation_rows,
+    token_modulations,
+)
 from .norm_layers import FP32LayerNorm, get_norm_layer
 from .posemb_layers import apply_rotary_emb, get_rotary_pos_embed
 from .token_refiner import SingleTokenRefiner
@@ -134,14 +142,19 @@ class MMDoubleStreamBlock(nn.Module):
         *,
         key_mask: torch.Tensor | None,
         backend: AttentionBackend,
+        token_replace: TokenReplace | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """img (B, L_img, D), txt (B, L_txt, D), vec (B, D), freqs 2 x (L_img, D_h) -> updated (img, txt)."""
+        """img (B, L_img, D), txt (B, L_txt, D), vec (B, D), freqs 2 x (L_img, D_h) -> updated (img, txt).
+
+        token_replace: I2V; the first-frame image tokens use its vector's modulation (text never does).
+        """
         chunk = resolve_chunk_tokens(self.chunk_tokens, img.shape[1])
         if chunk < img.shape[1]:
             return self._forward_chunked(img, txt, vec, freqs, key_mask=key_mask, backend=backend,
-                                         chunk=chunk)
-        # 1. Modulation: (shift, scale, gate) for attention and for the MLP, per stream
-        img_msa, img_mlp = self.img_mod(vec)
+                                         chunk=chunk, token_replace=token_replace)
+        # 1. Modulation: (shift, scale, gate) for attention and for the MLP, per stream ((B, D), or
+        #    (B, L_img, D) for the image stream under token replace)
+        img_msa, img_mlp = token_modulations(self.img_mod, vec, token_replace, img.shape[1])
         txt_msa, txt_mlp = self.txt_mod(vec)
         # 2. Per-stream q, k, v (B, L_s, H, D_h); RoPE on the image tokens only
         img_q, img_k, img_v = _modulated_qkv(
@@ -196,17 +209,17 @@ class MMDoubleStreamBlock(nn.Module):
         proj, norm2 = getattr(self, f"{prefix}_attn_proj"), getattr(self, f"{prefix}_norm2")
         return _gated_residuals(x, attn, msa, mlp, proj, norm2, getattr(self, f"{prefix}_mlp"))
 
-    def _forward_chunked(self, img, txt, vec, freqs, *, key_mask, backend, chunk: int):
+    def _forward_chunked(self, img, txt, vec, freqs, *, key_mask, backend, chunk: int, token_replace=None):
         """`forward` with the image tokens processed `chunk` at a time outside attention (same maths)."""
         img_len, txt_len = img.shape[1], txt.shape[1]
         # 1. Modulation, per stream
-        img_msa, img_mlp = self.img_mod(vec)
+        img_msa, img_mlp = token_modulations(self.img_mod, vec, token_replace, img_len)
         txt_msa, txt_mlp = self.txt_mod(vec)
         # 2. q, k, v written chunk by chunk into the joint [img | txt] buffers (B, L_img + L_txt, H, D_h):
         #    no full-size fused qkv output, no separate rotated copies, no concatenation
         qkv = TokenBuffers(img_len + txt_len)
         for tokens in token_ranges(0, img_len, chunk):
-            q, k, v = self._stream_qkv("img", img[:, tokens], img_msa)
+            q, k, v = self._stream_qkv("img", img[:, tokens], modulation_rows(img_msa, tokens))
             q, k = apply_rotary_emb(q, k, freqs[0][tokens], freqs[1][tokens])
             qkv.write(tokens, q, k, v)
             del q, k, v  # v views this chunk's fused projection: free it before the next chunk
@@ -216,7 +229,8 @@ class MMDoubleStreamBlock(nn.Module):
         del qkv
         # 4. Gated residuals per chunk into a new (B, L_img, D) output (the input may still be referenced)
         img_out = map_token_chunks(
-            lambda t: self._stream_residuals("img", img[:, t], attn[:, t], img_msa, img_mlp),
+            lambda t: self._stream_residuals("img", img[:, t], attn[:, t], modulation_rows(img_msa, t),
+                                             modulation_rows(img_mlp, t)),
             token_ranges(0, img_len, chunk),
             img_len,
         )
@@ -255,14 +269,19 @@ class MMSingleStreamBlock(nn.Module):
         img_len: int,
         key_mask: torch.Tensor | None,
         backend: AttentionBackend,
+        token_replace: TokenReplace | None = None,
     ) -> torch.Tensor:
-        """x (B, L_img + L_txt, D) with image tokens first, vec (B, D), freqs 2 x (L_img, D_h) -> x."""
+        """x (B, L_img + L_txt, D) with image tokens first, vec (B, D), freqs 2 x (L_img, D_h) -> x.
+
+        token_replace: I2V; the first-frame image tokens use its vector's modulation.
+        """
         chunk = resolve_chunk_tokens(self.chunk_tokens, x.shape[1])
         if chunk < x.shape[1]:
             return self._forward_chunked(x, vec, freqs, img_len=img_len, key_mask=key_mask, backend=backend,
-                                         chunk=chunk)
-        # 1. Modulation and the fused projection: qkv (B, L, 3D), mlp (B, L, D_mlp)
-        (mod,) = self.modulation(vec)
+                                         chunk=chunk, token_replace=token_replace)
+        # 1. Modulation ((B, D), or (B, L, D) under token replace) and the fused projection:
+        #    qkv (B, L, 3D), mlp (B, L, D_mlp)
+        (mod,) = token_modulations(self.modulation, vec, token_replace, x.shape[1])
         x_mod = modulate(self.pre_norm(x), mod.shift, mod.scale).to(x.dtype)  # float32 island
         qkv, mlp = self.linear1(x_mod).split((3 * self.hidden_size, self.mlp_hidden_dim), dim=-1)
         q, k, v = qkv.unflatten(-1, (3, self.heads_num, -1)).unbind(2)  # (B, L, H, D_h) each
@@ -276,6 +295,7 @@ class MMSingleStreamBlock(nn.Module):
         return x + apply_gate(self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2)), mod.gate)
 
     def _chunk_x_mod(self, x: torch.Tensor, mod: ModulationOut, tokens: slice) -> torch.Tensor:
+        mod = modulation_rows(mod, tokens)
         return modulate(self.pre_norm(x[:, tokens]), mod.shift, mod.scale).to(x.dtype)  # float32 island
 
     def _chunk_qkv(self, fused: torch.Tensor, freqs, tokens: slice, img_len: int):
@@ -286,7 +306,8 @@ class MMSingleStreamBlock(nn.Module):
             q, k = apply_rotary_emb(q, k, freqs[0][tokens], freqs[1][tokens])
         return q, k, v
 
-    def _forward_chunked(self, x, vec, freqs, *, img_len: int, key_mask, backend, chunk: int) -> torch.Tensor:
+    def _forward_chunked(self, x, vec, freqs, *, img_len: int, key_mask, backend, chunk: int,
+                         token_replace=None) -> torch.Tensor:
         """`forward` with the tokens processed `chunk` at a time outside attention (same maths).
 
         linear1 is used by row blocks: its q/k/v rows before attention, its MLP rows after it, chunk by chunk
@@ -299,11 +320,11 @@ class MMSingleStreamBlock(nn.Module):
         weight1, weight2 = dense_weight(lin1), dense_weight(self.linear2)  # None: unknown wrapper
         if weight1 is None or weight2 is None:
             return self._forward_chunked_modules(x, vec, freqs, img_len=img_len, key_mask=key_mask,
-                                                 backend=backend, ranges=ranges)
+                                                 backend=backend, ranges=ranges, token_replace=token_replace)
         qkv_rows, mlp_rows = slice(0, 3 * d), slice(3 * d, None)
         bias1 = (None, None) if lin1.bias is None else (lin1.bias[qkv_rows], lin1.bias[mlp_rows])
         # 1. Modulation; q, k, v chunk by chunk into full-size buffers (B, L, H, D_h)
-        (mod,) = self.modulation(vec)
+        (mod,) = token_modulations(self.modulation, vec, token_replace, length)
         qkv = TokenBuffers(length)
         for tokens in ranges:
             fused = F.linear(self._chunk_x_mod(x, mod, tokens), weight1[qkv_rows], bias1[0])  # (B, n, 3D)
@@ -318,7 +339,7 @@ class MMSingleStreamBlock(nn.Module):
             mlp = self.mlp_act(F.linear(self._chunk_x_mod(x, mod, tokens), weight1[mlp_rows], bias1[1]))
             out = linear_part(attn[:, tokens], weight2, slice(0, d), self.linear2.bias)
             out = out + linear_part(mlp, weight2, slice(d, None))
-            return x[:, tokens] + apply_gate(out, mod.gate)
+            return x[:, tokens] + apply_gate(out, modulation_rows(mod, tokens).gate)
 
         if torch.is_grad_enabled() or attn.dtype != x.dtype:
             return map_token_chunks(finish, ranges, length)
@@ -326,10 +347,11 @@ class MMSingleStreamBlock(nn.Module):
             attn[:, tokens] = finish(tokens)
         return attn
 
-    def _forward_chunked_modules(self, x, vec, freqs, *, img_len: int, key_mask, backend, ranges):
+    def _forward_chunked_modules(self, x, vec, freqs, *, img_len: int, key_mask, backend, ranges,
+                                 token_replace=None):
         """The chunked forward for linear layers we cannot split (e.g. wrapped by an adapter): they are called
         as modules on chunks, and the activated MLP (B, L, D_mlp) is kept across attention."""
-        (mod,) = self.modulation(vec)
+        (mod,) = token_modulations(self.modulation, vec, token_replace, x.shape[1])
         qkv, mlp_act = TokenBuffers(x.shape[1]), TokenBuffers(x.shape[1])
         for tokens in ranges:
             fused, mlp = self.linear1(self._chunk_x_mod(x, mod, tokens)).split(
@@ -344,7 +366,7 @@ class MMSingleStreamBlock(nn.Module):
 
         def finish(tokens: slice) -> torch.Tensor:
             out = self.linear2(torch.cat((attn[:, tokens], mlp[:, tokens]), dim=2))
-            return x[:, tokens] + apply_gate(out, mod.gate)
+            return x[:, tokens] + apply_gate(out, modulation_rows(mod, tokens).gate)
 
         return map_token_chunks(finish, ranges, x.shape[1])
 
@@ -478,6 +500,13 @@ class HYVideoDiffusionTransformer(nn.Module):
             vec = vec + self.guidance_in(guidance.expand(t.shape[0]))
         return vec
 
+    def _token_replace_vec(self, t: torch.Tensor, text_states_2: torch.Tensor) -> torch.Tensor:
+        """time_in(0) + vector_in(pooled CLIP): the first frame is conditioned as already clean.
+
+        Parity: no guidance term, also when the model has guidance_in (HunyuanVideo-I2V models.py).
+        """
+        return self.time_in(torch.zeros_like(t)) + self.vector_in(text_states_2)
+
     def _token_grid(self, x: torch.Tensor) -> tuple[int, int, int]:
         if x.ndim != 5:
             raise ValueError(f"x must be (B, C, T, H, W), got shape {tuple(x.shape)}")
@@ -505,6 +534,7 @@ class HYVideoDiffusionTransformer(nn.Module):
         freqs: tuple[torch.Tensor, torch.Tensor],
         key_mask: torch.Tensor | None,
         backend: AttentionBackend,
+        token_replace: TokenReplace | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run blocks start .. stop-1 of [double blocks | single blocks]; returns (img, txt) after them.
 
@@ -518,7 +548,8 @@ class HYVideoDiffusionTransformer(nn.Module):
         stop = num_double + len(self.single_blocks) if stop is None else stop
         # Double-stream blocks: separate image and text streams
         for block in itertools.islice(self.double_blocks, start, min(stop, num_double)):
-            img, txt = block(img, txt, vec, freqs, key_mask=key_mask, backend=backend)
+            img, txt = block(img, txt, vec, freqs, key_mask=key_mask, backend=backend,
+                             token_replace=token_replace)
         if stop <= num_double:
             return img, txt
         # Single-stream blocks over [img | txt]
@@ -526,7 +557,8 @@ class HYVideoDiffusionTransformer(nn.Module):
         x_tokens = torch.cat((img, txt), dim=1)  # (B, L_loc + L_txt, D)
         del img, txt  # one hidden state less during the single-stream blocks
         for block in itertools.islice(self.single_blocks, max(start - num_double, 0), stop - num_double):
-            x_tokens = block(x_tokens, vec, freqs, img_len=img_len, key_mask=key_mask, backend=backend)
+            x_tokens = block(x_tokens, vec, freqs, img_len=img_len, key_mask=key_mask, backend=backend,
+                             token_replace=token_replace)
         return x_tokens[:, :img_len], x_tokens[:, img_len:]
 
     def forward(
@@ -575,6 +607,11 @@ class HYVideoDiffusionTransformer(nn.Module):
         split = ImageTokenSplit.create(self.parallel, img.shape[1], self.attention_backend)
         img, freqs = split.scatter(img, freqs)  # (B, L_loc, D), 2 x (L_loc, D_h)
         img_len, backend = img.shape[1], split.backend
+        # 3b. I2V token replace: this rank's tokens of latent frame 0 get a second vector (t = 0, no guidance)
+        token_replace = None
+        if self.config.image_condition_type == "token_replace":
+            first_frame = split.local_prefix(grid[1] * grid[2])  # frame-0 tokens held by this rank
+            token_replace = TokenReplace(self._token_replace_vec(t, text_states_2), first_frame)
         # 4. Text tokens (replicated on every rank): crop padding common to the batch, else keep a mask;
         #    then refine
         text_states, text_mask = prepare_text_inputs(text_states, text_mask)  # (B, L_txt, C_txt)
@@ -587,7 +624,7 @@ class HYVideoDiffusionTransformer(nn.Module):
         # 6-7. Double-stream blocks, then single-stream blocks over [img | txt] -> image tokens (B, L_loc, D).
         #      Step cache hook: on a step it reuses, no block runs and it adds its stored residual instead.
         run_blocks = functools.partial(self._run_blocks, vec=vec, freqs=freqs, key_mask=key_mask,
-                                       backend=backend)
+                                       backend=backend, token_replace=token_replace)
         if step_cache is None:
             streams = [img, txt]
             del img, txt  # the blocks hold the only references: the block input is freed after block 0

@@ -99,6 +99,12 @@ class ImageTokenSplit:
         img_local, _ = shard_tokens(img, 1, self.state)
         return img_local, shard_rope(*freqs, self.state)
 
+    def local_prefix(self, count: int) -> int:
+        """How many of this rank's image tokens have a global index < `count` (they are its first ones)."""
+        if self.shard is None:
+            return count
+        return max(0, min(count - self.shard.start, self.shard.local_len))
+
     def gather(self, out_local: torch.Tensor) -> torch.Tensor:
         """(B, L_loc, C) per-token outputs of this rank -> (B, L_img, C), identical on every rank."""
         if self.shard is None:

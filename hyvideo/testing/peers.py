@@ -19,6 +19,7 @@ def diffusers_dit_config(config: DiTConfig) -> dict:
         guidance_embeds=config.guidance_embed, text_embed_dim=config.text_states_dim,
         pooled_projection_dim=config.text_states_dim_2, rope_theta=config.rope_theta,
         rope_axes_dim=tuple(config.rope_dim_list),
+        **({"image_condition_type": config.image_condition_type} if config.image_condition_type else {}),
     )
 
 

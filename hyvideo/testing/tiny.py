@@ -47,6 +47,14 @@ TINY_CLIP = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hid
                  num_attention_heads=2, max_position_embeddings=77, projection_dim=32,
                  bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 
+# LLaVA's vision tower at CLIP-336/14 geometry (576 patches) with tiny widths.
+TINY_CLIP_VISION = dict(image_size=336, patch_size=14, hidden_size=16, intermediate_size=32,
+                        num_hidden_layers=2, num_attention_heads=2, projection_dim=16)
+# The CLIP-336 preprocessing of llava-llama-3-8b-v1_1-transformers (bicubic, OpenAI mean/std).
+CLIP_336_PROCESSOR = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                          do_center_crop=True, resample=3, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                          image_std=[0.26862954, 0.26130258, 0.27577711])
+
 
 def randomize_(module: torch.nn.Module, *, generator: torch.Generator, std: float = 0.05) -> None:
     """Give every parameter random values (the original zero-initialises modulations, which would make
@@ -104,13 +112,55 @@ def write_clip(folder: Path, *, seed: int = 3) -> Path:
     return folder
 
 
-def write_tiny_checkpoints(root: str | Path) -> Path:
-    """Write `root/{hunyuan-video-t2v-720p/{transformers,vae}, text_encoder, text_encoder_2}`."""
+def tiny_llava_config():
+    """A LlavaConfig shaped like llava-llama-3-8b (CLIP-336/14 -> 576 tokens, image id 128257) but tiny."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(**TINY_CLIP_VISION)
+    text = LlamaConfig(**{**TINY_LLAMA, "max_position_embeddings": 1024})  # 934 expanded tokens
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=128257,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default",
+                       projector_hidden_act="gelu", pad_token_id=128258)
+
+
+def write_llava(folder: Path, *, seed: int = 4) -> Path:
+    """The I2V text encoder folder: tiny LLaVA, the real Llama-3 tokenizer (+ <image>), CLIP-336 processor."""
+    from transformers import LlavaForConditionalGeneration
+
+    from hyvideo.i2v.llava import _image_processor_class
+    from hyvideo.testing.tokenizers import write_llama3_tokenizer
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(tiny_llava_config())
+    randomize_(model, generator=torch.Generator().manual_seed(seed))
+    model.save_pretrained(folder)
+    write_llama3_tokenizer(folder)
+    _image_processor_class()(**CLIP_336_PROCESSOR).save_pretrained(folder)
+    return folder
+
+
+def write_tiny_i2v_checkpoints(root: str | Path) -> Path:
+    """Add the tiny I2V tree: hunyuan-video-i2v-720p/{transformers,vae} (token replace), text_encoder_i2v."""
+    root = Path(root)
+    write_dit(root / "hunyuan-video-i2v-720p" / "transformers",
+              TINY_DIT.with_updates(image_condition_type="token_replace"), seed=5)
+    write_vae(root / "hunyuan-video-i2v-720p" / "vae")
+    write_llava(root / "text_encoder_i2v")
+    if not (root / "text_encoder_2").is_dir():
+        write_clip(root / "text_encoder_2")
+    return root
+
+
+def write_tiny_checkpoints(root: str | Path, *, i2v: bool = False) -> Path:
+    """Write `root/{hunyuan-video-t2v-720p/{transformers,vae}, text_encoder, text_encoder_2}`; with `i2v`
+    also the I2V tree (`write_tiny_i2v_checkpoints`)."""
     root = Path(root)
     write_dit(root / "hunyuan-video-t2v-720p" / "transformers")
     write_vae(root / "hunyuan-video-t2v-720p" / "vae")
     write_llm(root / "text_encoder")
     write_clip(root / "text_encoder_2")
+    if i2v:
+        write_tiny_i2v_checkpoints(root)
     (root / MARKER_FILE).write_text(
         "Tiny random-weight checkpoints written by scripts/make_tiny_ckpts.py for tests and the\n"
         "installation check. Videos sampled with them are noise. Real weights: see ckpts/README.md.\n"

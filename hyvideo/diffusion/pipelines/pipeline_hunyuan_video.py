@@ -13,6 +13,7 @@ from diffusers import DiffusionPipeline
 
 from hyvideo.constants import NEGATIVE_PROMPT
 from hyvideo.diffusion.cache import CacheConfig, StepCache
+from hyvideo.i2v.conditioning import ImageCondition
 from hyvideo.lowmem.offload import OffloadPlan
 from hyvideo.parallel.groups import SequenceParallelState, broadcast_from_main
 from hyvideo.parallel.layout import CfgBranch
@@ -187,7 +188,8 @@ class HunyuanVideoPipeline(DiffusionPipeline):
         Parity: the original draws in the prompt-embedding dtype (fp16) on the execution device with
         one generator per video, and does not scale the noise.
         """
-        shape = (1, self.transformer.config.in_channels, latent_frames(video_length),
+        # out_channels: the latent channels (the legacy I2V DiT takes 33 input channels for 16 latent ones)
+        shape = (1, self.transformer.config.out_channels, latent_frames(video_length),
                  height // 8, width // 8)
         if generator is None:
             return torch.randn((batch, *shape[1:]), dtype=dtype, device=self.device)
@@ -226,17 +228,23 @@ class HunyuanVideoPipeline(DiffusionPipeline):
 
     def denoise(self, latents: torch.Tensor, cond: TextConditions, *, guidance_scale: float,
                 embedded_guidance_scale: float | None, callback: StepCallback | None = None,
-                show_progress: bool = True, step_cache: StepCache | None = None) -> torch.Tensor:
+                show_progress: bool = True, step_cache: StepCache | None = None,
+                image_condition: ImageCondition | None = None) -> torch.Tensor:
+        """The sampling loop; with `image_condition` (I2V) the reference image enters every step."""
         timesteps = self.scheduler.timesteps
         self.set_progress_bar_config(disable=not show_progress)
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 if step_cache is not None:
                     step_cache.begin_step(i)
-                v = self.predict_velocity(latents, t, cond, guidance_scale=guidance_scale,
+                x = latents if image_condition is None else image_condition.model_input(latents)
+                v = self.predict_velocity(x, t, cond, guidance_scale=guidance_scale,
                                           embedded_guidance_scale=embedded_guidance_scale,
                                           step_cache=step_cache)
-                latents = self.scheduler.step(v, t, latents)  # fp32 from here on
+                if image_condition is None:
+                    latents = self.scheduler.step(v, t, latents)  # fp32 from here on
+                else:
+                    latents = image_condition.step(self.scheduler, v, t, latents)
                 if i in (0, len(timesteps) - 1):  # two syncs per video: cheap, and catches NaN weights
                     check_finite_latents(latents, step=i + 1, steps=len(timesteps))
                 if callback is not None:
@@ -279,6 +287,7 @@ class HunyuanVideoPipeline(DiffusionPipeline):
         callback_on_step_end: StepCallback | None = None,
         show_progress: bool = True,
         cache: CacheConfig | None = None,
+        image_condition: ImageCondition | None = None,
     ) -> HunyuanVideoPipelineOutput:
         """Sample videos.
 
@@ -291,6 +300,8 @@ class HunyuanVideoPipeline(DiffusionPipeline):
             output_type: "pt" decodes to a (B, 3, T, H, W) tensor in [0, 1]; "latent" skips decoding.
             callback_on_step_end: called as f(step_index, timestep, latents) after every step.
             cache: step-cache settings (hyvideo/diffusion/cache.py); each call gets its own fresh state.
+            image_condition: image-to-video (hyvideo/i2v/conditioning.py), latents for one video per prompt;
+                the prompt conditions must then come from the I2V encoder (`prompt_conditions`).
         """
         timings = _StageTimer(self.device)
         # 1. Check inputs
@@ -318,6 +329,9 @@ class HunyuanVideoPipeline(DiffusionPipeline):
         if latents is None:
             latents = self.prepare_latents(batch, video_length=video_length, height=height, width=width,
                                            dtype=prompt_conditions.embeds.dtype, generator=generator)
+        if image_condition is not None:
+            image_condition = image_condition.repeat(num_videos_per_prompt)
+            latents = image_condition.initial_latents(latents)
         latents = latents.to(self.device)
         if self.parallel is not None:
             # Every rank must denoise the same noise: take rank 0's (seeds agree too; this also covers
@@ -331,7 +345,7 @@ class HunyuanVideoPipeline(DiffusionPipeline):
             latents = self.denoise(latents, cond, guidance_scale=guidance_scale,
                                    embedded_guidance_scale=embedded_guidance_scale,
                                    callback=callback_on_step_end, show_progress=show_progress,
-                                   step_cache=step_cache)
+                                   step_cache=step_cache, image_condition=image_condition)
         if step_cache is not None:
             step_cache.log_summary()
 
