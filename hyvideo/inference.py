@@ -233,7 +233,6 @@ def dit_weight_file(cfg: ModelConfig) -> Path:
     if cfg.use_fp8 and cfg.dit_weight is None and not path.exists():
         bf16 = path.with_name(DIT_FILE)
         if bf16.exists():
-            logger.info("--use-fp8: %s not found; quantising %s at load", path.name, bf16)
             return bf16
     return path
 
@@ -246,6 +245,8 @@ def load_transformer(
     from hyvideo.modules.fp8_optimization import load_fp8_dit
 
     path = require_path(dit_weight_file(cfg), "DiT weights (--dit-weight)")
+    if path != cfg.dit_weight_path:  # logged here only: the layout and memory checks ask for the path too
+        logger.info("--use-fp8: %s not found; quantising %s at load", cfg.dit_weight_path.name, path)
     dit_config = resolve_dit_config(cfg.dit, path)
     kwargs = dict(load_key=cfg.load_key, dtype=PRECISION_TO_TYPE[cfg.precision], device=device,
                   attention_backend=cfg.attn_backend)

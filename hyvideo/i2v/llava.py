@@ -16,12 +16,11 @@ from torch import nn
 
 from hyvideo.i2v.llava_layout import I2VPromptLayout, expand_image_tokens, split_image_and_text
 from hyvideo.text_encoder.common import (
+    FrozenEncoder,
     TextEncoderOutput,
     check_model_folder,
     clean_prompts,
     load_frozen_model,
-    model_device,
-    model_dtype,
     resolve_dtype,
     short_text,
     tokenize_with_lengths,
@@ -39,7 +38,7 @@ def _image_processor_class():
     return processor_class
 
 
-class LlavaTextEncoder(nn.Module):
+class LlavaTextEncoder(FrozenEncoder):
     """HunyuanVideo-I2V's MLLM encoder: prompt + reference image -> [image tokens | text tokens] states."""
 
     def __init__(
@@ -98,14 +97,6 @@ class LlavaTextEncoder(nn.Module):
             interleave=interleave,
             hidden_state_skip_layer=hidden_state_skip_layer,
         )
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return model_dtype(self.model)
-
-    @property
-    def device(self) -> torch.device:
-        return model_device(self.model)
 
     @property
     def hidden_size(self) -> int:

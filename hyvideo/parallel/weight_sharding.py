@@ -16,7 +16,7 @@ their 1-byte storage, so the all-gather volume halves too. The per-layer scales 
 
 Loading never materialises the whole model on a rank: the model is built on the meta device, sharded there,
 given empty local shards on the compute device, and each rank copies only its rows out of the memory-mapped
-checkpoint (`torch.load(mmap=True)`), so the pages of the other ranks' rows are never read by it.
+checkpoint (`load_dit_state_dict`: `torch.load(mmap=True, weights_only=True)`), so the pages of the other ranks' rows are never read by it.
 """
 
 from __future__ import annotations

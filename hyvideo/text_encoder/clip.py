@@ -11,12 +11,11 @@ from torch import nn
 
 from hyvideo.text_encoder.common import (
     DataType,
+    FrozenEncoder,
     TextEncoderOutput,
     check_model_folder,
     clean_prompts,
     load_frozen_model,
-    model_device,
-    model_dtype,
     resolve_dtype,
     short_text,
     tokenize_with_lengths,
@@ -27,7 +26,7 @@ logger = logging.getLogger(__name__)
 CLIP_MAX_LENGTH = 77
 
 
-class CLIPTextEncoder(nn.Module):
+class CLIPTextEncoder(FrozenEncoder):
     """HunyuanVideo's second text encoder: CLIP-L's text tower on the raw prompt, 77 tokens, pooled output."""
 
     def __init__(self, model: nn.Module, tokenizer, *, max_length: int = CLIP_MAX_LENGTH) -> None:
@@ -63,14 +62,6 @@ class CLIPTextEncoder(nn.Module):
         model = load_frozen_model(CLIPTextModel, folder, resolve_dtype(dtype), device)
         tokenizer = CLIPTokenizer.from_pretrained(folder)
         return cls(model, tokenizer, max_length=max_length)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return model_dtype(self.model)
-
-    @property
-    def device(self) -> torch.device:
-        return model_device(self.model)
 
     @property
     def hidden_size(self) -> int:

@@ -173,3 +173,17 @@ def model_device(model: nn.Module) -> torch.device:
 
 def model_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
+
+
+class FrozenEncoder(nn.Module):
+    """A text encoder wrapping one frozen transformers model as `self.model`: its dtype and device."""
+
+    model: nn.Module
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return model_dtype(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)

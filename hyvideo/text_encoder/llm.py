@@ -12,13 +12,12 @@ from torch import nn
 from hyvideo.constants import PromptTemplate
 from hyvideo.text_encoder.common import (
     DataType,
+    FrozenEncoder,
     TextEncoderOutput,
     check_model_folder,
     clean_prompts,
     count_template_prefix_tokens,
     load_frozen_model,
-    model_device,
-    model_dtype,
     resolve_dtype,
     resolve_prompt_template,
     short_text,
@@ -30,7 +29,7 @@ logger = logging.getLogger(__name__)
 PREPROCESS_SCRIPT = "scripts/preprocess_text_encoder_tokenizer_utils.py"
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(FrozenEncoder):
     """HunyuanVideo's LLM text encoder: templates, BOS + right padding, a skipped-layer hidden state, crop."""
 
     def __init__(
@@ -121,14 +120,6 @@ class TextEncoder(nn.Module):
             hidden_state_skip_layer=hidden_state_skip_layer,
             apply_final_norm=apply_final_norm,
         )
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return model_dtype(self.model)
-
-    @property
-    def device(self) -> torch.device:
-        return model_device(self.model)
 
     @property
     def hidden_size(self) -> int:
