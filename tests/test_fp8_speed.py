@@ -9,7 +9,13 @@ import torch
 
 import sample_video
 from hyvideo.modules import HYVideoDiffusionTransformer
-from hyvideo.modules.fp8_gemm import FP8GemmLinear, enable_fp8_gemm, fp8_gemm_granularity, quantize_activation
+from hyvideo.modules.fp8_gemm import (
+    FP8GemmLinear,
+    cpu_supports_rowwise,
+    enable_fp8_gemm,
+    fp8_gemm_granularity,
+    quantize_activation,
+)
 from hyvideo.modules.fp8_optimization import FP8Linear, load_fp8_dit, quantize_state_dict
 from hyvideo.testing.tiny import write_tiny_checkpoints
 from hyvideo.utils.file_utils import load_latents
@@ -93,6 +99,23 @@ def test_fp8_gemm_needs_fp8_layers_and_fp8_tensor_cores(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     with pytest.raises(ValueError, match=r"compute capability >= 8\.9.*RTX 3090 has 8\.6"):
         fp8_gemm_granularity("cuda:0")
+
+
+def test_cpu_without_rowwise_scaled_mm_falls_back_to_per_tensor_scales(monkeypatch):
+    """torch 2.11's CPU _scaled_mm asserts on row-wise scales (seen on the GPU machine's CPU reference)."""
+    real = torch._scaled_mm
+
+    def per_tensor_only(a, b, *, scale_a, scale_b, **kwargs):
+        if scale_a.numel() != 1 or scale_b.numel() != 1:
+            raise RuntimeError("Now _scaled_mm only supports per-tensor scaling for CPU backend.")
+        return real(a, b, scale_a=scale_a, scale_b=scale_b, **kwargs)
+
+    cpu_supports_rowwise.cache_clear()
+    monkeypatch.setattr(torch, "_scaled_mm", per_tensor_only)
+    try:
+        assert fp8_gemm_granularity("cpu") == "tensor"
+    finally:
+        cpu_supports_rowwise.cache_clear()
 
 
 @pytest.mark.gpu

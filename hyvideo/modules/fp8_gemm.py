@@ -12,13 +12,15 @@ The weights are the same tensors; only the activation rounding is new: E4M3 keep
 activation moves by up to 2^-4 of its value, the price of the fp8 tensor cores (about twice the bf16 FLOP
 rate on Ada / Hopper). Opt-in, near-lossless, never the default.
 
-Activation scale granularity: per row ("rowwise", one scale per token) where the backend supports it (the
-CPU; CUDA compute capability >= 9.0), else per tensor (compute capability 8.9). Below 8.9 there are no fp8
+Activation scale granularity: per row ("rowwise", one scale per token) where the backend supports it (CUDA
+compute capability >= 9.0; the CPU from torch 2.13, probed once), else per tensor (compute capability 8.9,
+older CPU builds). Below 8.9 there are no fp8
 tensor cores: `fp8_gemm_granularity` raises a one-line error naming the card.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -41,7 +43,7 @@ def fp8_gemm_granularity(device: torch.device | str) -> str:
     """
     device = torch.device(device)
     if device.type == "cpu":
-        return "rowwise"
+        return "rowwise" if cpu_supports_rowwise() else "tensor"
     module = torch.get_device_module(device.type)
     capability = getattr(module, "get_device_capability", None)
     if capability is None or torch.version.hip is not None:
@@ -55,6 +57,18 @@ def fp8_gemm_granularity(device: torch.device | str) -> str:
             f"{name} has {major_minor[0]}.{major_minor[1]}: drop --fp8-gemm (--use-fp8 alone still works)"
         )
     return "rowwise" if major_minor >= ROWWISE_CAPABILITY else "tensor"
+
+
+@functools.cache
+def cpu_supports_rowwise() -> bool:
+    """Whether this torch's CPU `_scaled_mm` takes row-wise scales (torch 2.13 does; 2.11 asserts)."""
+    x8 = torch.ones(16, 16, dtype=FP8_DTYPE)
+    try:
+        torch._scaled_mm(x8, x8.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16),
+                         out_dtype=torch.float32)
+    except RuntimeError:
+        return False
+    return True
 
 
 def quantize_activation(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:

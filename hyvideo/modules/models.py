@@ -354,12 +354,14 @@ class MMSingleStreamBlock(nn.Module):
         (mod,) = token_modulations(self.modulation, vec, token_replace, x.shape[1])
         qkv, mlp_act = TokenBuffers(x.shape[1]), TokenBuffers(x.shape[1])
         for tokens in ranges:
-            fused, mlp = self.linear1(self._chunk_x_mod(x, mod, tokens)).split(
+            # `mlp_in`, not `mlp`: `finish` closes over `mlp`, and `del` of a closure variable is a graph
+            # break under torch.compile (DELETE_DEREF)
+            fused, mlp_in = self.linear1(self._chunk_x_mod(x, mod, tokens)).split(
                 (3 * self.hidden_size, self.mlp_hidden_dim), dim=-1
             )
             qkv.write(tokens, *self._chunk_qkv(fused, freqs, tokens, img_len))
-            mlp_act.write(tokens, self.mlp_act(mlp))
-            del fused, mlp
+            mlp_act.write(tokens, self.mlp_act(mlp_in))
+            del fused, mlp_in
         attn = attention(*qkv.tensors, backend=backend, key_mask=key_mask)
         del qkv
         (mlp,) = mlp_act.tensors
