@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..constants import DiTConfig
+from .mmap_reader import is_mmap_refused, load_noreserve
 from .models import HYVideoDiffusionTransformer
 
 logger = logging.getLogger(__name__)
@@ -264,6 +265,10 @@ def _read_torch_file(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as err:
+        if is_mmap_refused(err):
+            # A file larger than RAM + swap (the full bf16 DiT on a 24 GiB host): reading it whole would be
+            # killed for memory, so map it without the swap reservation instead (hyvideo/modules/mmap_reader.py).
+            return load_noreserve(path)
         if "mmap" not in str(err):
             raise
         # Files written by the legacy (pre-zip) serializer cannot be memory-mapped.
