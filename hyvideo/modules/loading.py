@@ -267,7 +267,7 @@ def _read_torch_file(path: Path) -> object:
     except RuntimeError as err:
         if is_mmap_refused(err):
             # A file larger than RAM + swap (the full bf16 DiT on a 24 GiB host): reading it whole would be
-            # killed for memory, so map it without the swap reservation instead (hyvideo/modules/mmap_reader.py).
+            # killed for memory, so map it without the swap reservation instead (see mmap_reader.py).
             return load_noreserve(path)
         if "mmap" not in str(err):
             raise

@@ -38,11 +38,11 @@ def load_noreserve(path: str | os.PathLike) -> object:
     """
     path = Path(path)
     if sys.platform != "linux":
-        raise RuntimeError(f"cannot memory-map {path}: larger than RAM + swap, and MAP_NORESERVE is Linux-only")
+        raise RuntimeError(f"cannot memory-map {path}: larger than RAM + swap (MAP_NORESERVE is Linux-only)")
     load = getattr(torch.serialization, "_load", None)
     reader_type = getattr(torch._C, "PyTorchFileReader", None)
     if load is None or reader_type is None:
-        raise RuntimeError(f"cannot memory-map {path}: this torch {torch.__version__} has no serialization._load")
+        raise RuntimeError(f"cannot memory-map {path}: torch {torch.__version__} has no serialization._load")
     with open(path, "rb") as handle:
         try:
             mapped = mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE,
