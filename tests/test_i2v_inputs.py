@@ -16,6 +16,8 @@ from hyvideo.i2v import (
     resize_and_center_crop,
 )
 from hyvideo.i2v.llava_layout import (
+    NEGATIVE_PROMPT_I2V,
+    PROMPT_TEMPLATE_ENCODE_VIDEO_I2V,
     I2VPromptLayout,
     assistant_crop_end,
     expand_image_tokens,
@@ -184,3 +186,22 @@ def test_truncated_prompt_keeps_252_prompt_tokens(tokenizer):
     assert states.shape == (2, 288 + 252, 1)
     assert states[0, 288:, 0].long().tolist() == [j + 575 for j in range(103, 355)]
     assert out_mask[0].all() and out_mask[1, : 288 + 2].all() and not out_mask[1, 288 + 2 :].any()
+
+
+def test_template_and_negative_prompt_are_the_i2v_repositorys_text():
+    """As written in HunyuanVideo-I2V's hyvideo/constants.py, read in two copies (a fork of the repository
+    and mindone's port) on 2026-11-26; ours derives the template from the T2V one: a T2V edit shows here."""
+    expected_template = (
+        "<|start_header_id|>system<|end_header_id|>\n\n<image>\nDescribe the video by detailing the "
+        "following aspects according to the reference image: 1. The main content and theme of the video."
+        "2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects."
+        "3. Actions, events, behaviors temporal relationships, physical movement changes of the objects."
+        "4. background environment, light, style and atmosphere."
+        "5. camera angles, movements, and transitions used in the video:<|eot_id|>"
+        "\n\n<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|><|start_header_id|>assistant"
+        "<|end_header_id|>\n\n"
+    )
+    assert PROMPT_TEMPLATE_ENCODE_VIDEO_I2V == expected_template
+    assert NEGATIVE_PROMPT_I2V == (
+        "deformation, a poor composition and deformed video, bad teeth, bad eyes, bad limbs"
+    )

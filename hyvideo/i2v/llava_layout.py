@@ -22,8 +22,8 @@ PROMPT_TEMPLATE_ENCODE_VIDEO_I2V = (
     .replace("<|eot_id|><|start_header_id|>user", "<|eot_id|>\n\n<|start_header_id|>user", 1)
     + "<|start_header_id|>assistant<|end_header_id|>\n\n"
 )
-# The I2V repository's NEGATIVE_PROMPT_I2V (constants.py; i2v_spec names it without quoting it: this text is
-# our reading of that file, to be checked against it). Used only with --cfg-scale > 1.
+# The I2V repository's NEGATIVE_PROMPT_I2V (hyvideo/constants.py there; checked against two copies of that
+# file, tests/test_i2v_inputs.py). Used only with --cfg-scale > 1.
 NEGATIVE_PROMPT_I2V = "deformation, a poor composition and deformed video, bad teeth, bad eyes, bad limbs"
 ASSISTANT_HEADER_TOKENS = 4  # <|eot_id|> <|start_header_id|> assistant <|end_header_id|>
 IMAGE_TOKEN_INTERLEAVE = {"token_replace": 4, "latent_concat": 2}
