@@ -406,6 +406,23 @@ class HunyuanVideoSampler(Inference):
         if self._lora_stack is not None:
             self._lora_stack.clear()
 
+    # -- Freeing the text encoders (after a run's last prompt) --
+
+    def release_text_encoders(self) -> int:
+        """Free both text encoders for good: the host RAM (under offload) or device memory they hold goes
+        back to the DiT and the VAE. Later `predict` calls raise. Returns the bytes of weights released."""
+        from hyvideo.lowmem.release import return_freed_memory, weight_bytes
+
+        released = weight_bytes([self.text_encoder, self.text_encoder_2])
+        self.text_encoder = self.text_encoder_2 = None
+        self.pipeline.register_modules(text_encoder=None, text_encoder_2=None)
+        if self.offload is not None:
+            self.offload.forget("text_encoder", "text_encoder_2")
+        return_freed_memory(self.device)
+        logger.info("Text encoders released after the last prompt's encoding: %.2f GiB of weights freed",
+                    released / 2**30)
+        return released
+
     def _negative_prompt_record(self, negative: str | None, guidance_scale: float, *, i2v: bool) -> str:
         if guidance_scale <= 1:
             return ""
@@ -462,6 +479,7 @@ class HunyuanVideoSampler(Inference):
         reference_image=None,
         i2v_stability: bool = False,
         callback=None,
+        release_text_encoders: bool = False,
     ) -> PredictOutput:
         """Generate `num_videos_per_prompt` videos for one prompt; video i uses seed `seed + i`.
 
@@ -472,9 +490,14 @@ class HunyuanVideoSampler(Inference):
         height x width (its bucket, see hyvideo.i2v.bucket_for_image) and becomes the first frame.
         `callback(step_index, timestep, latents)` runs after every denoising step (progress, cancellation:
         an exception raised there aborts the call before anything is decoded).
+        `release_text_encoders`: this is the last prompt; free the text encoders once it is encoded
+        (`release_text_encoders()`), before denoising. The video is the same.
         """
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty: give a text prompt")
+        if self.text_encoder is None:
+            raise ValueError("the text encoders were released after the last prompt (release_text_encoders): "
+                             "load the sampler again to encode more prompts")
         if height <= 0 or width <= 0:
             raise ValueError(f"video size must be positive, got {height}x{width}")
         if video_length < 1 or (video_length - 1) % 4:
@@ -492,9 +515,13 @@ class HunyuanVideoSampler(Inference):
                     target_w, video_length, infer_steps, seeds)
         started = time.perf_counter()
         i2v = {}
+        after_encode = self.release_text_encoders if release_text_encoders else None
         if reference_image is not None:
             i2v = self._i2v_inputs(prompt.strip(), negative, reference_image, (target_h, target_w),
                                    i2v_stability, cfg=guidance_scale > 1.0)
+            if after_encode is not None:
+                after_encode()
+                after_encode = None
         elif self.transformer.config.image_condition_type is not None:
             raise ValueError("this is an image-to-video DiT: pass a reference image (--i2v-image-path)")
         out = self.pipeline(
@@ -505,7 +532,7 @@ class HunyuanVideoSampler(Inference):
             generator=generators, data_type="video" if video_length > 1 else "image",
             output_type=output_type, enable_tiling=enable_tiling,
             show_progress=show_progress and self.is_main_process, cache=cache,
-            callback_on_step_end=callback,
+            callback_on_step_end=callback, after_encode=after_encode,
         )
         elapsed = time.perf_counter() - started
         if reference_image is not None and out.videos is not None:

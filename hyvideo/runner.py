@@ -279,6 +279,7 @@ def _sample(configs: Configs, save_dir: Path, groups, loras: list) -> None:
             num_videos_per_prompt=sampling.num_videos * sampling.batch_size,
             enable_tiling=configs.model.vae_tiling, cache=configs.cache,
             reference_image=image, i2v_stability=configs.i2v.stability,
+            release_text_encoders=index == len(sampling.prompts) - 1,  # nothing to encode after this one
         )
         if state.is_main:  # every rank holds the same videos; one writes them
             save_outputs(out, configs, save_dir, rewrite=rewrite)

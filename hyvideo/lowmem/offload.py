@@ -130,6 +130,13 @@ class OffloadPlan:
             raise ValueError(f"unknown component {name!r}; this plan has {sorted(self.components)}")
         return self.device
 
+    def forget(self, *names: str) -> None:
+        """Drop the named components for good: the plan stops holding them and their offloaders (with any
+        page-locked host copies), without moving anything back. Their stages become no-ops."""
+        for name in names:
+            self.components[name] = None
+            self.offloaders.pop(name, None)
+
     def remove(self) -> None:
         """Take every offload hook off (each model goes back to where it was when the plan was made)."""
         for offloader in self.offloaders.values():

@@ -288,6 +288,7 @@ class HunyuanVideoPipeline(DiffusionPipeline):
         show_progress: bool = True,
         cache: CacheConfig | None = None,
         image_condition: ImageCondition | None = None,
+        after_encode: Callable[[], None] | None = None,
     ) -> HunyuanVideoPipelineOutput:
         """Sample videos.
 
@@ -302,6 +303,8 @@ class HunyuanVideoPipeline(DiffusionPipeline):
             cache: step-cache settings (hyvideo/diffusion/cache.py); each call gets its own fresh state.
             image_condition: image-to-video (hyvideo/i2v/conditioning.py), latents for one video per prompt;
                 the prompt conditions must then come from the I2V encoder (`prompt_conditions`).
+            after_encode: called once the prompts are encoded and the encoders are back off the device
+                (the sampler frees the text encoders there after a run's last prompt).
         """
         timings = _StageTimer(self.device)
         # 1. Check inputs
@@ -320,6 +323,8 @@ class HunyuanVideoPipeline(DiffusionPipeline):
                     negatives = self._negative_prompts(negative_prompt, num_prompts)
                     negative_conditions = self.encode_prompt(negatives, data_type=data_type)
                 cond = TextConditions.cat(negative_conditions.repeat(num_videos_per_prompt), cond)
+        if after_encode is not None:
+            after_encode()
 
         # 3. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
