@@ -51,6 +51,23 @@ def fp8_file(bf16_file, tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("granularity", ["rowwise", "tensor"])
+def test_activation_quantisation_is_the_textbook_formula_bit_for_bit(granularity, dtype):
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(257, 96, generator=gen) * torch.logspace(-4, 4, 257)[:, None]).to(dtype)
+    x[3] = 0  # an all-zero row: scale 1
+    x[7, 5] = x[7].abs().max() * -1  # the extreme value negative: it must land on -448 exactly
+    x32 = x.float()
+    amax = x32.abs().amax(dim=-1, keepdim=True) if granularity == "rowwise" else x32.abs().amax()
+    scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    expected = (x32 / scale).clamp(-448.0, 448.0).to(FP8)
+    x8, x_scale = quantize_activation(x, granularity)
+    assert x_scale.dtype == torch.float32 and x_scale.shape == scale.shape and torch.equal(x_scale, scale)
+    assert torch.equal(x8.view(torch.uint8), expected.view(torch.uint8))
+    assert x8.float().abs().max() == 448.0
+
+
 @pytest.mark.parametrize("granularity", ["rowwise", "tensor"])
 def test_fp8_gemm_layer_is_the_scaled_product_of_the_quantised_operands(granularity):
     layer = FP8Linear(64, 48, compute_dtype=torch.float32)
