@@ -32,7 +32,7 @@ from typing import Protocol
 logger = logging.getLogger(__name__)
 
 REWRITE_MODES = ("normal", "master")
-API_KEY_ENV_VARS = ("HYVIDEO_REWRITE_API_KEY", "OPENAI_API_KEY")  # read by hyvideo/config.py, in this order
+API_KEY_ENV_VARS = ("HYVIDEO_REWRITE_API_KEY", "OPENAI_API_KEY")  # read by hyvideo/config/, in this order
 DEFAULT_LOCAL_MAX_NEW_TOKENS = 256  # the text encoder keeps 256 prompt tokens; more would be cut anyway
 RETRY_BASE_DELAY_S = 1.0  # backoff: 1 s, 2 s, 4 s, ...
 FALLBACK_HINT = "add --rewrite-fallback to continue with the original prompt"

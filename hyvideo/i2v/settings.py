@@ -1,4 +1,4 @@
-"""Typed settings of the image-to-video mode (filled from the --i2v-* flags by hyvideo/config.py)."""
+"""Typed settings of the image-to-video mode (filled from the --i2v-* flags by hyvideo/config/)."""
 
 from __future__ import annotations
 
