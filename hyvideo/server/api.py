@@ -7,7 +7,7 @@
     DELETE /v1/videos/{id}             delete the job and its files (cancels it if it runs)
     POST   /v1/videos/{id}/cancel      ours: cancel, keep the job listed as failed/cancelled
     GET    /v1/videos/{id}/sidecar     ours: the JSON sidecar of the i-th video
-    GET    /v1/server                  ours: model, demo-weights flag, defaults and limits
+    GET    /v1/server                  ours: model, demo-weights flag, defaults, limits, loaded LoRAs
 
 Every refusal is a JSON error object `{"error": {"message", "type", "param", "code"}}` with a 4xx status;
 an unexpected fault is a 500 with the same shape and no traceback (the log has it).
@@ -38,6 +38,7 @@ _JOB_ID = re.compile(r"^video_[0-9a-f]{24}$")
 # Form fields arrive as text: these are converted before the same checks as JSON.
 _INT_FIELDS = ("steps", "seed", "n", "frames")
 _FLOAT_FIELDS = ("guidance_scale", "embedded_guidance_scale", "flow_shift")
+_JSON_FIELDS = ("loras",)  # an object in JSON; a form field carries it as JSON text
 
 
 class ApiError(Exception):
@@ -183,6 +184,13 @@ def _typed_form(form: dict[str, str]) -> dict[str, Any]:
                     form[name] = kind(form[name])
                 except ValueError:
                     raise ApiError(400, f"{name} must be a number, got {form[name]!r}", param=name) from None
+    for name in _JSON_FIELDS:
+        if name in form:
+            try:
+                form[name] = json.loads(form[name])
+            except json.JSONDecodeError:
+                raise ApiError(400, f'{name} must be a JSON object such as {{"name": 0.8}} in a form field',
+                               param=name) from None
     return form
 
 

@@ -56,6 +56,8 @@ def serve(configs: Configs, server: ServerConfig) -> int:
                                                       use_autocast=not runtime.disable_autocast)
         for weights, scale in loras:  # every rank applies the same LoRAs
             sampler.add_lora(weights, scale)
+        # name -> start-up scale, in load order: what a job's "loras" may change (README "Web server")
+        lora_scales = {weights.name: float(scale) for weights, scale in loras}
     except USER_ERRORS as exc:  # every rank finds the same fault (flags, files): one line per node
         if runtime.local_rank == 0:
             print(f"gradio_server.py: error: {exc}", file=sys.stderr, flush=True)
@@ -65,11 +67,12 @@ def serve(configs: Configs, server: ServerConfig) -> int:
 
         follow_rank0(sampler, configs, state)
         return 0
-    _serve_rank0(configs, server, sampler, state, save_dir, tiny)
+    _serve_rank0(configs, server, sampler, state, save_dir, tiny, lora_scales)
     return 0
 
 
-def _serve_rank0(configs: Configs, server: ServerConfig, sampler, state, save_dir: Path, tiny: bool) -> None:
+def _serve_rank0(configs: Configs, server: ServerConfig, sampler, state, save_dir: Path, tiny: bool,
+                 lora_scales: dict[str, float]) -> None:
     import uvicorn
 
     from hyvideo.server.worker import Worker
@@ -79,10 +82,10 @@ def _serve_rank0(configs: Configs, server: ServerConfig, sampler, state, save_di
     if interrupted:
         logger.warning("Marked %d job(s) interrupted by the last stop as failed: %s", len(interrupted),
                        ", ".join(interrupted))
-    worker = Worker(store, sampler, configs, save_dir, parallel=state)
+    worker = Worker(store, sampler, configs, save_dir, parallel=state, loras=lora_scales)
     service = Service(store=store, defaults=configs.sampling, limits=server.limits, save_dir=save_dir,
                       wake=worker.wake, tiny_weights=tiny, token=server.token,
-                      cache_policy=configs.cache.policy)
+                      cache_policy=configs.cache.policy, loras=lora_scales)
     app = build_app(service)
     worker.start()
     logger.info("Serving on http://%s:%d/ (API: /v1/videos, auth: %s)", server.host, server.port,

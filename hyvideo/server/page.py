@@ -3,7 +3,8 @@
 Generate validates the form with the API's request checks (an error shows as a message and queues
 nothing), queues the job, then polls the store: the queue position while it waits, a per-step progress bar
 while it runs, and the player, the seed used and the sidecar download when it is done. Cancel flags the
-job; the worker stops it between two steps. The gallery lists earlier results, newest first.
+job; the worker stops it between two steps. The gallery lists earlier results, newest first. With LoRAs
+loaded at start-up (--lora), one number per LoRA (its start-up scale by default) sets its scale for the job.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def build_page(service: Service) -> gr.Blocks:
                                       step=1, label="Number of videos")
                     cache = gr.Dropdown(list(CACHE_POLICIES), value=service.cache_policy, elem_id="cache",
                                         label="Step cache (faster, approximate; see README 'Step caching')")
+                lora_inputs = _lora_inputs(service.loras)
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -90,29 +92,47 @@ def build_page(service: Service) -> gr.Blocks:
         resolution.change(lambda label: _RESOLUTIONS.get(label, (gr.skip(), gr.skip())), resolution,
                           [width, height], queue=False)
         length.change(lambda label: _LENGTHS.get(label, gr.skip()), length, frames, queue=False)
-        inputs = [prompt, negative, width, height, frames, steps, seed, embedded, cfg, shift, count, cache]
+        inputs = [prompt, negative, width, height, frames, steps, seed, embedded, cfg, shift, count, cache,
+                  *lora_inputs]  # the LoRA numbers last: /generate callers that leave them out still fit
         outputs = [job_id, status, video, seed_used, sidecar, gallery]
         # The store is the queue: Gradio must not hold jobs back in its own queue.
-        generate.click(_generate_handler(service), inputs, outputs, api_name="generate",
+        generate.click(_generate_handler(service, list(service.loras)), inputs, outputs, api_name="generate",
                        concurrency_limit=None)
         cancel.click(_cancel_handler(service), job_id, status, api_name="cancel", concurrency_limit=None)
         page.load(lambda: gallery_items(service), None, gallery, queue=False)
     return page
 
 
+def _lora_inputs(loras: dict[str, float]) -> list[gr.Number]:
+    """One number per preloaded LoRA (label: its name, value: its start-up scale); none without LoRAs."""
+    if not loras:
+        return []
+    with gr.Accordion("LoRA scales (0 switches a LoRA off)", open=True, elem_id="loras"):
+        return [gr.Number(scale, label=name, step=0.05, elem_id=f"lora_{index}")
+                for index, (name, scale) in enumerate(loras.items())]
+
+
+def lora_scales_of(names: list[str], values: tuple | list) -> dict[str, float]:
+    """The LoRA numbers of the page as a request's "loras"; an emptied box keeps the start-up scale."""
+    return {name: value for name, value in zip(names, values, strict=True) if value is not None}
+
+
 def form_to_request(prompt, negative, width, height, frames, steps, seed, embedded, cfg, shift,
-                    count, cache="none") -> dict:
+                    count, cache="none", loras: dict[str, float] | None = None) -> dict:
     """The page's fields as a /v1/videos body (the same checks apply to both)."""
     seed_text = str(seed or "").strip()
     if seed_text and not seed_text.isdigit():
         raise RequestError(f"seed must be a whole number >= 0 or empty (random), got {seed_text!r}")
     if width is None or height is None or frames is None:
         raise RequestError("width, height and frames need a value")
-    return {"prompt": prompt or "", "negative_prompt": negative or None,
+    body = {"prompt": prompt or "", "negative_prompt": negative or None,
             "size": f"{int(width)}x{int(height)}",
             "frames": int(frames), "steps": int(steps), "seed": int(seed_text) if seed_text else None,
             "embedded_guidance_scale": float(embedded), "guidance_scale": float(cfg),
             "flow_shift": float(shift), "n": int(count), "cache": cache or "none"}
+    if loras:
+        body["loras"] = dict(loras)
+    return body
 
 
 def gallery_items(service: Service) -> list[tuple[str, str]]:
@@ -125,10 +145,12 @@ def gallery_items(service: Service) -> list[tuple[str, str]]:
     return items
 
 
-def _generate_handler(service: Service):
+def _generate_handler(service: Service, lora_names: list[str]):
     def generate(*fields, progress=gr.Progress()):  # noqa: B008 - Gradio's injection idiom
+        split = len(fields) - len(lora_names)  # the form's fields, then one number per LoRA
         try:
-            job = service.submit(form_to_request(*fields))
+            job = service.submit(form_to_request(*fields[:split],
+                                                 loras=lora_scales_of(lora_names, fields[split:])))
         except (RequestError, QueueFull) as exc:
             raise gr.Error(str(exc)) from None
         keep = gr.skip()

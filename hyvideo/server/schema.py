@@ -4,8 +4,9 @@ One request shape serves the web page and `/v1/videos`. Field names follow OpenA
 one (`prompt`, `size` as "WIDTHxHEIGHT", `seconds`, `model`, `n`); the rest are ours and documented in
 README.md ("Web server"). Every field maps onto one `SamplingConfig` field (`SAMPLING_FIELDS`); fields the
 server's flags leave open take their value from those flags. Features that are not sampling settings
-(LoRA, step cache, prompt rewrite, ...) go in `FEATURE_FIELDS`: a name and a validator; the worker hands
-the validated values to `hyvideo.server.worker.feature_kwargs`.
+(LoRA, step cache, prompt rewrite, ...) go in `FEATURE_FIELDS`: a name and a validator, which sees the
+value and the `ServerOffer` (the limits and what the server has loaded); the worker hands the validated
+values to `hyvideo.server.worker.feature_kwargs` (and LoRA scales to `job_lora_scales`).
 
 Nothing here touches the file system: a request names no path.
 """
@@ -27,6 +28,12 @@ MODEL_ID = "hunyuanvideo-t2v-720p"
 MAX_SEED = 2**63 - 1_000  # seeds seed .. seed + n - 1 must stay below 2**63 (SQLite, torch)
 GUIDANCE_RANGE = (1.0, 20.0)  # the original page's sliders
 FLOW_SHIFT_RANGE = (0.0, 20.0)  # open at 0
+# Per-job LoRA scales stay within +-10. Shared LoRAs are used at about -2..2; far beyond that the update
+# swamps the base weights (noise, or inf in fp16 weights), and a merged layer whose delta is that large
+# keeps a whole copy of its weight in host memory to be restored exactly (hyvideo/modules/lora.py), so a
+# client could otherwise make the server hold a second DiT in RAM.
+MAX_LORA_SCALE = 10.0
+_ECHO_CHARS = 40  # a client's name is echoed in an error up to this length: the message stays one short line
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
 
 # Resolution presets of the original (README "supported resolutions"; gradio offers the same ten), as
@@ -43,25 +50,62 @@ class RequestError(ValueError):
     """A request the server refuses; the message says which field was wrong and how to fix it."""
 
 
-def _cache_policy(value: Any, limits: ServerLimits) -> str:
+@dataclass(frozen=True)
+class ServerOffer:
+    """What a feature validator checks a request against: the limits, and what the server has loaded."""
+
+    limits: ServerLimits
+    loras: Mapping[str, float] = field(default_factory=dict)  # preloaded LoRA name -> start-up scale
+
+
+def _cache_policy(value: Any, offer: ServerOffer) -> str:
     if value not in CACHE_POLICIES:
         raise RequestError(f"cache must be one of {', '.join(CACHE_POLICIES)}, got {value!r}")
     return value
 
 
-def _cache_threshold(value: Any, limits: ServerLimits) -> float:
+def _cache_threshold(value: Any, offer: ServerOffer) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"cache_threshold must be a number >= 0, got {_kind(value)}")
-    if not (math.isfinite(value) and value >= 0):
-        raise RequestError(f"cache_threshold must be a number >= 0, got {value}")
-    return float(value)
+    number = _finite(value)
+    if number is None or number < 0:
+        raise RequestError(f"cache_threshold must be a number >= 0, got {_echo(value)}")
+    return number
+
+
+def _loras(value: Any, offer: ServerOffer) -> dict[str, float]:
+    """{name: scale} for some of the server's preloaded LoRAs; names only, never a path."""
+    if not isinstance(value, Mapping):
+        raise RequestError(f'loras must be an object mapping a LoRA name to a scale, e.g. {{"name": 0.8}}, '
+                           f"got {_kind(value)}")
+    if value and not offer.loras:
+        raise RequestError("loras: this server has no LoRAs loaded; start it with --lora PATH[:SCALE] to "
+                           "offer some")
+    loaded = ", ".join(offer.loras)
+    if len(value) > len(offer.loras):  # bounds the work and the message before looking at any name
+        raise RequestError(f"loras has {len(value)} entries but the server has {len(offer.loras)} LoRAs: "
+                           f"{loaded}")
+    scales = {}
+    for name, scale in value.items():
+        if name not in offer.loras:
+            raise RequestError(f"loras: unknown LoRA {_echo(name)}; this server has {loaded}")
+        number = _finite(scale)
+        if number is None:
+            raise RequestError(f"loras: the scale of {name} must be a finite number, got {_kind(scale)} "
+                               f"{_echo(scale)}")
+        if abs(number) > MAX_LORA_SCALE:
+            raise RequestError(f"loras: the scale of {name} must be between -{MAX_LORA_SCALE:g} and "
+                               f"{MAX_LORA_SCALE:g}, got {_echo(scale)}")
+        scales[name] = number
+    return scales
 
 
 # Extra features, by request field name: a validator that returns the normalised value or raises
 # RequestError; hyvideo.server.worker.feature_kwargs turns them into sampler arguments.
-FEATURE_FIELDS: dict[str, Callable[[Any, ServerLimits], Any]] = {
+FEATURE_FIELDS: dict[str, Callable[[Any, ServerOffer], Any]] = {
     "cache": _cache_policy,  # step cache policy for this job (README "Step caching")
     "cache_threshold": _cache_threshold,  # with "cache": its threshold (default: the policy's)
+    "loras": _loras,  # scales of preloaded LoRAs for this job; the others keep their start-up scale
 }
 
 # Request field -> SamplingConfig field (size and seconds/frames expand to two/one fields, see parse).
@@ -124,8 +168,13 @@ class JobRequest:
         )
 
 
-def parse_request(body: Any, defaults: SamplingConfig, limits: ServerLimits) -> JobRequest:
-    """Check a JSON body (a dict) and resolve it against the server's defaults; raise RequestError."""
+def parse_request(body: Any, defaults: SamplingConfig, limits: ServerLimits, *,
+                  loras: Mapping[str, float] | None = None) -> JobRequest:
+    """Check a JSON body (a dict) and resolve it against the server's defaults; raise RequestError.
+
+    Args:
+        loras: the server's preloaded LoRAs (name -> start-up scale), which the "loras" field may name.
+    """
     if not isinstance(body, Mapping):
         raise RequestError(f"the request body must be a JSON object, got {_kind(body)}")
     known = set(SAMPLING_FIELDS) | set(OTHER_FIELDS) | set(FEATURE_FIELDS)
@@ -141,6 +190,7 @@ def parse_request(body: Any, defaults: SamplingConfig, limits: ServerLimits) -> 
     steps = _int(body, "steps", defaults.infer_steps, 1, limits.max_steps)
     n = _int(body, "n", defaults.num_videos, 1, limits.max_videos)
     seed = _int(body, "seed", defaults.seed, 0, MAX_SEED) if body.get("seed") is not None else defaults.seed
+    offer = ServerOffer(limits, dict(loras or {}))
     if "cache_threshold" in body and body.get("cache") in (None, "none"):
         raise RequestError('cache_threshold needs a step cache in the same request: add "cache": '
                            '"magcache", "teacache" or "fbcache"')
@@ -152,7 +202,7 @@ def parse_request(body: Any, defaults: SamplingConfig, limits: ServerLimits) -> 
         embedded_guidance_scale=_float(body, "embedded_guidance_scale", defaults.embedded_cfg_scale,
                                        *GUIDANCE_RANGE),
         flow_shift=_float(body, "flow_shift", defaults.flow_shift, *FLOW_SHIFT_RANGE, open_low=True),
-        n=n, features={name: check(body[name], limits) for name, check in FEATURE_FIELDS.items()
+        n=n, features={name: check(body[name], offer) for name, check in FEATURE_FIELDS.items()
                        if name in body},
     )
 
@@ -160,6 +210,27 @@ def parse_request(body: Any, defaults: SamplingConfig, limits: ServerLimits) -> 
 def _kind(value: Any) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
             dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _finite(value: Any) -> float | None:
+    """A JSON number (not a boolean) as a finite float, else None.
+
+    An integer too large for a float (JSON allows 400 digits) would make math.isfinite raise
+    OverflowError, a 500 instead of a 400: it is refused here like inf and nan.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _echo(value: Any) -> str:
+    """A client's value for an error message: its repr, cut short so that the message stays one line."""
+    text = repr(value)
+    return text if len(text) <= _ECHO_CHARS else text[:_ECHO_CHARS] + "..."
 
 
 def _prompt(value: Any, limits: ServerLimits) -> str:
@@ -234,8 +305,8 @@ def _float(body: Mapping[str, Any], name: str, default: float, low: float, high:
     if name not in body or body[name] is None:
         return default
     value = body[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RequestError(f"{name} must be a number, got {_kind(value)} {value!r}")
+    if _finite(value) is None:
+        raise RequestError(f"{name} must be a number, got {_kind(value)} {_echo(value)}")
     if not (low < value if open_low else low <= value) or value > high:
         bracket = "(" if open_low else "["
         raise RequestError(f"{name} must be in {bracket}{low:g}, {high:g}], got {value}")

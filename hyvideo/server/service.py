@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hyvideo.config import SamplingConfig, ServerLimits
-from hyvideo.server.schema import MODEL_ID, JobRequest, parse_request
+from hyvideo.server.schema import MAX_LORA_SCALE, MODEL_ID, JobRequest, parse_request
 from hyvideo.server.store import Job, JobStore
 
 logger = logging.getLogger(__name__)
@@ -35,10 +35,12 @@ class Service:
     tiny_weights: bool = False
     token: str | None = None
     cache_policy: str = "none"  # the server's --cache: the page's default step cache
+    # The LoRAs loaded at start-up (--lora), name -> start-up scale in load order: a job may rescale them.
+    loras: dict[str, float] = field(default_factory=dict)
 
     def submit(self, body: Any) -> Job:
         """Validate a request body and queue it (RequestError, QueueFull on refusal)."""
-        request = parse_request(body, self.defaults, self.limits)
+        request = parse_request(body, self.defaults, self.limits, loras=self.loras)
         job = self.store.add(request.to_dict(), max_queue=self.limits.max_queue)
         self.wake()
         return job
@@ -89,5 +91,7 @@ class Service:
                          "flow_shift": d.flow_shift, "n": d.num_videos, "seed": d.seed},
             "limits": {"max_steps": self.limits.max_steps, "max_side": self.limits.max_side,
                        "max_frames": self.limits.max_frames, "max_videos": self.limits.max_videos,
-                       "max_queue": self.limits.max_queue, "max_prompt_chars": self.limits.max_prompt_chars},
+                       "max_queue": self.limits.max_queue, "max_prompt_chars": self.limits.max_prompt_chars,
+                       "max_lora_scale": MAX_LORA_SCALE},
+            "loras": dict(self.loras),  # the names a request's "loras" may use, with their start-up scales
         }

@@ -5,6 +5,11 @@ callback that records progress and checks for cancellation, then writes the mp4s
 CLI's atomic writers. A cancelled job stops between two denoising steps, before anything is decoded or
 written, so it leaves no file.
 
+Per-job LoRA scales: rank 0 resolves the request's `loras` against the LoRAs loaded at start-up into the
+scale of *every* loaded LoRA (`job_lora_scales`) and puts that map in the `JobSpec`; each rank sets those
+scales before `predict` and restores nothing after, so a job's choice never outlives it (the next job sets
+every scale again) and all ranks run the same weights.
+
 Under torchrun only rank 0 has a queue. Before each job it broadcasts a `JobSpec` to the other ranks
 (`follow_rank0`), which then run the same `predict` with it; the cancel decision is broadcast at every step
 so that all ranks stop at the same step. While idle, rank 0 broadcasts a heartbeat now and then, so the
@@ -18,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,18 +51,50 @@ class JobSpec:
     job_id: str | None = None
     request: dict[str, Any] | None = None
     seed: int | None = None
+    lora_scales: dict[str, float] | None = None  # every loaded LoRA's scale for this job, in load order
+
+
+# Feature fields that are not `predict` arguments: applied to the sampler before it (see run_job).
+SAMPLER_STATE_FEATURES = ("loras",)
 
 
 def feature_kwargs(features: dict[str, Any], configs: Configs) -> dict[str, Any]:
     """Extra `predict` keyword arguments for a request's feature fields (schema.FEATURE_FIELDS).
 
-    The one place where a per-job feature reaches the sampler; without feature fields a job samples
-    exactly as the server's flags say.
+    Where a per-job feature reaches `predict` (LoRA scales are set on the sampler instead:
+    `job_lora_scales`); without feature fields a job samples exactly as the server's flags say.
     """
-    unknown = set(features) - {"cache", "cache_threshold"}
+    unknown = set(features) - {"cache", "cache_threshold", *SAMPLER_STATE_FEATURES}
     if unknown:
         raise ValueError(f"no sampler support for feature field(s) {sorted(unknown)}")
     return {"cache": job_cache(configs.cache, features)}
+
+
+def job_lora_scales(startup: Mapping[str, float], features: dict[str, Any]) -> dict[str, float] | None:
+    """The scale of every loaded LoRA for one job: the request's, else the start-up scale (--lora).
+
+    None when no LoRA is loaded. Raises ValueError when the request names a LoRA that is not loaded (a job
+    queued before a restart with other --lora flags).
+    """
+    asked = features.get("loras") or {}
+    missing = sorted(set(asked) - set(startup))
+    if missing:
+        raise ValueError(f"LoRA(s) {', '.join(missing)} are not loaded on this server (loaded: "
+                         f"{', '.join(startup) or 'none'}); it was restarted with other --lora flags")
+    if not startup:
+        return None
+    return {name: float(asked.get(name, scale)) for name, scale in startup.items()}
+
+
+def apply_lora_scales(sampler, scales: Mapping[str, float] | None) -> None:
+    """Set every loaded LoRA to its scale for this job, whatever the previous job left.
+
+    Every scale is set, even an unchanged one: each call re-merges the LoRA's layers from their exact
+    originals (a pass over those weights, small next to a job), so a job's weights are rebuilt from the
+    scales it asked for rather than trusted from the last job (whose re-merge may have failed part-way).
+    """
+    for name, scale in (scales or {}).items():
+        sampler.set_lora_scale(name, scale)
 
 
 def job_cache(server_cache: CacheConfig, features: dict[str, Any]) -> CacheConfig:
@@ -89,6 +126,7 @@ def run_job(sampler, configs: Configs, spec: JobSpec, *, on_step: Callable[[int,
         if stop:
             raise JobCancelled(f"cancelled at step {index + 1} of {request.steps}")
 
+    apply_lora_scales(sampler, spec.lora_scales)
     guidance_embed = sampler.transformer.config.guidance_embed
     return sampler.predict(
         request.prompt, height=request.height, width=request.width, video_length=request.frames,
@@ -102,20 +140,27 @@ def run_job(sampler, configs: Configs, spec: JobSpec, *, on_step: Callable[[int,
 
 
 def job_configs(configs: Configs, spec: JobSpec) -> Configs:
-    """The server's configs with this job's sampling values: what its sidecar records."""
+    """The server's configs with this job's sampling values and LoRA scales: what its sidecar records."""
     request = JobRequest.from_dict(spec.request)
+    model = configs.model
+    if spec.lora_scales and len(spec.lora_scales) == len(model.loras):  # both in load order
+        scales = spec.lora_scales.values()
+        model = dataclasses.replace(model, loras=tuple(
+            dataclasses.replace(lora, scale=scale) for lora, scale in zip(model.loras, scales, strict=True)))
     return dataclasses.replace(configs, sampling=request.sampling_config(configs.sampling, seed=spec.seed),
-                               cache=job_cache(configs.cache, request.features))
+                               cache=job_cache(configs.cache, request.features), model=model)
 
 
 class Worker:
     """Rank 0's job loop in a background thread."""
 
     def __init__(self, store: JobStore, sampler, configs: Configs, save_dir: Path, *, parallel=None,
-                 draw_seed: Callable[[], int] | None = None):
+                 draw_seed: Callable[[], int] | None = None, loras: Mapping[str, float] | None = None):
+        """`loras`: the LoRAs loaded at start-up (name -> scale, in load order), which a job may rescale."""
         from hyvideo.inference import draw_seed as default_draw
 
         self.store, self.sampler, self.configs, self.save_dir = store, sampler, configs, save_dir
+        self.loras = dict(loras or {})
         self.parallel = parallel if parallel is not None and parallel.enabled else None
         self._draw_seed = draw_seed or default_draw
         self._wake, self._stop = threading.Event(), threading.Event()
@@ -159,8 +204,14 @@ class Worker:
 
         seed = job.request["seed"] if job.request.get("seed") is not None else self._draw_seed()
         self.store.set_seed(job.id, seed)
-        spec = JobSpec("run", job.id, job.request, seed)
-        logger.info("Job %s: %s (seed %d)", job.id, job.request["prompt"][:80], seed)
+        try:  # before any broadcast: a job that cannot run fails alone, the other ranks keep waiting
+            scales = job_lora_scales(self.loras, job.request.get("features", {}))
+        except ValueError as exc:
+            self.store.fail(job.id, "error", str(exc)[:500])
+            return
+        spec = JobSpec("run", job.id, job.request, seed, scales)
+        logger.info("Job %s: %s (seed %d%s)", job.id, job.request["prompt"][:80], seed,
+                    f", LoRA scales {scales}" if scales else "")
         try:
             if self.parallel is not None:
                 share_spec(spec, self.parallel)
