@@ -78,6 +78,15 @@ def test_bad_request_gets_400_json_and_queues_nothing(client, service, body, mes
     assert service.store.list() == []
 
 
+@pytest.mark.parametrize("field", ["size", "seconds", "steps", "model", "cache"])
+def test_a_huge_bad_value_is_echoed_short(client, field):
+    """A 60 kB string in any field still gets a short one-line error, not the whole value back."""
+    answer = client.post("/v1/videos", json={"prompt": "a cat", field: "9" * 60_000 + "x"})
+    message = answer.json()["error"]["message"]
+    assert answer.status_code == 400 and field in message
+    assert len(message) < 300 and "\n" not in message
+
+
 def test_step_cache_per_job_maps_onto_the_sampler_and_the_sidecar():
     from hyvideo.config import parse_args
     from hyvideo.server.worker import feature_kwargs, job_cache

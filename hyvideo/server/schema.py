@@ -60,7 +60,7 @@ class ServerOffer:
 
 def _cache_policy(value: Any, offer: ServerOffer) -> str:
     if value not in CACHE_POLICIES:
-        raise RequestError(f"cache must be one of {', '.join(CACHE_POLICIES)}, got {value!r}")
+        raise RequestError(f"cache must be one of {', '.join(CACHE_POLICIES)}, got {_echo(value)}")
     return value
 
 
@@ -183,7 +183,7 @@ def parse_request(body: Any, defaults: SamplingConfig, limits: ServerLimits, *,
         raise RequestError(f"unknown field(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
     model = body.get("model")
     if model is not None and model != MODEL_ID:
-        raise RequestError(f"model must be {MODEL_ID!r} (the one this server serves), got {model!r}")
+        raise RequestError(f"model must be {MODEL_ID!r} (the one this server serves), got {_echo(model)}")
     if "seconds" in body and "frames" in body:
         raise RequestError("give seconds or frames, not both")
     width, height = _size(body.get("size"), defaults, limits)
@@ -260,7 +260,7 @@ def _size(value: Any, defaults: SamplingConfig, limits: ServerLimits) -> tuple[i
     else:
         match = _SIZE.match(value) if isinstance(value, str) else None
         if match is None:
-            raise RequestError(f"size must be a string 'WIDTHxHEIGHT' such as '1280x720', got {value!r}")
+            raise RequestError(f"size must be a string 'WIDTHxHEIGHT' such as '1280x720', got {_echo(value)}")
         width, height = int(match.group(1)), int(match.group(2))
     for name, pixels in (("width", width), ("height", height)):
         if not 16 <= pixels <= limits.max_side:
@@ -277,7 +277,7 @@ def _frames(body: Mapping[str, Any], defaults: SamplingConfig, limits: ServerLim
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise RequestError(f"seconds must be a whole number >= 1 (e.g. 5 or \"5\"), got {value!r}")
+            raise RequestError(f"seconds must be a whole number >= 1 (e.g. 5 or \"5\"), got {_echo(value)}")
         frames = value * FPS + 1  # 24 frames a second plus the first frame: always 4k+1
         if frames > limits.max_frames:
             raise RequestError(f"seconds {value} means {frames} frames; the limit is {limits.max_frames} "
@@ -294,7 +294,7 @@ def _int(body: Mapping[str, Any], name: str, default: int | None, low: int, high
     if name not in body or body[name] is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(f"{name} must be an integer, got {_kind(value)} {value!r}")
+        raise RequestError(f"{name} must be an integer, got {_kind(value)} {_echo(value)}")
     if not low <= value <= high:
         raise RequestError(f"{name} must be between {low} and {high}, got {value}")
     return value
