@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -26,6 +27,13 @@ class ServerLimits:
     max_videos: int = 4  # videos per job
     max_queue: int = 32  # jobs queued or running at once
     max_prompt_chars: int = 2000
+    # Image-to-video reference images (request field "image"). 20 MB of encoded bytes holds any sensible
+    # photo (a 4096 px JPEG/WebP is a few MB, a PNG rarely more) while bounding what one request makes the
+    # server hold, decode and store in its queue; 4096 px a side: the video's bucket is at most 1920 px
+    # long, so a larger image only costs decode time and memory (the side is read from the header, before
+    # decoding, which also stops decompression bombs).
+    max_image_bytes: int = 20_000_000
+    max_image_side: int = 4096
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,11 @@ class ServerConfig:
     model_base_given: bool  # False: --model-base was left at its default (tiny-tree fallback allowed)
 
 
+LIMIT_NAMES = tuple(f.name for f in dataclasses.fields(ServerLimits))
+# The CLI's --i2v-mode animates one --i2v-image-path; the server takes an image per request instead.
+_CLI_ONLY_I2V_ERROR = "--i2v-mode needs --i2v-image-path"
+
+
 def _add_server_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Server args (gradio_server.py)")
     group.add_argument("--server-name", type=str, default=None,
@@ -50,7 +63,9 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
     for name, help_text in (("max_steps", "denoising steps"), ("max_side", "pixels of height or width"),
                             ("max_frames", "frames"), ("max_videos", "videos per job"),
                             ("max_queue", "jobs queued or running at once"),
-                            ("max_prompt_chars", "characters of a prompt")):
+                            ("max_prompt_chars", "characters of a prompt"),
+                            ("max_image_bytes", "bytes of an --i2v-mode request's image (decoded)"),
+                            ("max_image_side", "pixels of a side of an --i2v-mode request's image")):
         group.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(limits, name),
                            help=f"Largest number of {help_text} a request may ask for.")
 
@@ -67,9 +82,12 @@ def build_server_parser() -> argparse.ArgumentParser:
 
 def server_validation_errors(args: argparse.Namespace) -> list[str]:
     errors = []
-    for name in ("max_steps", "max_side", "max_frames", "max_videos", "max_queue", "max_prompt_chars"):
+    for name in LIMIT_NAMES:
         if getattr(args, name) < 1:
             errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.i2v_mode and args.i2v_image_path is not None:
+        errors.append("--i2v-image-path is not a server flag: each request sends its image (field "
+                      "\"image\", a data URL); leave the flag out")
     if args.server_port is not None and not 0 < args.server_port < 65536:
         errors.append(f"--server-port must be between 1 and 65535, got {args.server_port}")
     return errors
@@ -79,7 +97,8 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[Configs, ServerCon
     """Parse gradio_server.py's command line; bad values exit with status 2 and a one-line message."""
     parser = build_server_parser()
     args = parser.parse_args(argv)
-    errors = validation_errors(args) + server_validation_errors(args)
+    errors = [e for e in validation_errors(args) if not e.startswith(_CLI_ONLY_I2V_ERROR)]
+    errors += server_validation_errors(args)
     port = args.server_port
     if port is None:
         raw = os.environ.get("SERVER_PORT", "").strip() or str(DEFAULT_SERVER_PORT)
@@ -88,9 +107,7 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[Configs, ServerCon
             errors.append(f"environment variable SERVER_PORT={raw!r} is not a port number (1-65535)")
     if errors:
         parser.error("; ".join(errors))
-    limits = ServerLimits(max_steps=args.max_steps, max_side=args.max_side, max_frames=args.max_frames,
-                          max_videos=args.max_videos, max_queue=args.max_queue,
-                          max_prompt_chars=args.max_prompt_chars)
+    limits = ServerLimits(**{name: getattr(args, name) for name in LIMIT_NAMES})
     server = ServerConfig(
         host=args.server_name or os.environ.get("SERVER_NAME", "").strip() or DEFAULT_SERVER_NAME,
         port=port, token=os.environ.get(SERVER_TOKEN_ENV, "").strip() or None, limits=limits,

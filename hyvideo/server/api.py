@@ -32,7 +32,7 @@ from hyvideo.server.store import QueueFull
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 * 1024
+MAX_BODY_BYTES = 64 * 1024  # every field but an I2V server's "image"
 MAX_LIST = 100
 _JOB_ID = re.compile(r"^video_[0-9a-f]{24}$")
 # Form fields arrive as text: these are converted before the same checks as JSON.
@@ -102,7 +102,7 @@ def _router(service: Service) -> APIRouter:
 
     @router.post("/videos")
     async def create_video(request: Request):
-        body = await _read_body(request)
+        body = await _read_body(request, body_limit(service))
         try:
             job = service.submit(body)
         except RequestError as exc:
@@ -156,20 +156,28 @@ def _router(service: Service) -> APIRouter:
     return router
 
 
-async def _read_body(request: Request) -> Any:
+def body_limit(service: Service) -> int:
+    """The largest request body: the fields, plus on an I2V server the image as base64 (4 chars per 3 bytes)
+    with its data URL prefix, so that an image within --max-image-bytes always fits."""
+    if service.i2v_resolution is None:
+        return MAX_BODY_BYTES
+    return MAX_BODY_BYTES + 4 * (service.limits.max_image_bytes // 3 + 1) + 64
+
+
+async def _read_body(request: Request, limit: int) -> Any:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="too_large")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body over {limit} bytes", code="too_large")
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        form = await request.form()
+        form = await request.form(max_part_size=limit)  # Starlette's default (1 MiB) is below an image
         if any(not isinstance(v, str) for v in form.values()):
-            raise ApiError(400, "file uploads (input_reference) are not supported: text-to-video only",
-                           param="input_reference")
+            raise ApiError(400, "file uploads (input_reference) are not supported: send an image-to-video "
+                           "server's image as a data URL in the text field image", param="input_reference")
         return _typed_form(dict(form))
     raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="too_large")
+    if len(raw) > limit:
+        raise ApiError(413, f"request body over {limit} bytes", code="too_large")
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -85,7 +85,8 @@ def _serve_rank0(configs: Configs, server: ServerConfig, sampler, state, save_di
     worker = Worker(store, sampler, configs, save_dir, parallel=state, loras=lora_scales)
     service = Service(store=store, defaults=configs.sampling, limits=server.limits, save_dir=save_dir,
                       wake=worker.wake, tiny_weights=tiny, token=server.token,
-                      cache_policy=configs.cache.policy, loras=lora_scales)
+                      cache_policy=configs.cache.policy, loras=lora_scales,
+                      i2v_resolution=configs.i2v.resolution if configs.i2v.enabled else None)
     app = build_app(service)
     worker.start()
     logger.info("Serving on http://%s:%d/ (API: /v1/videos, auth: %s)", server.host, server.port,

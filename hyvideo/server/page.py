@@ -5,12 +5,17 @@ nothing), queues the job, then polls the store: the queue position while it wait
 while it runs, and the player, the seed used and the sidecar download when it is done. Cancel flags the
 job; the worker stops it between two steps. The gallery lists earlier results, newest first. With LoRAs
 loaded at start-up (--lora), one number per LoRA (its start-up scale by default) sets its scale for the job.
+On an image-to-video server (--i2v-mode) an image input replaces the size controls (the size is the
+image's bucket); the image goes into the request as a data URL, exactly as an API client sends it.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -39,17 +44,21 @@ def _preset_label(table: dict[str, Any], value: Any) -> str:
 def build_page(service: Service) -> gr.Blocks:
     """The page's layout and events (mount it with gr.mount_gradio_app)."""
     d, limits = service.defaults, service.limits
+    i2v = service.i2v_resolution is not None
     with gr.Blocks(title="HunyuanVideo") as page:
-        gr.Markdown("# HunyuanVideo — text to video")
+        gr.Markdown("# HunyuanVideo — image to video" if i2v else "# HunyuanVideo — text to video")
         if service.tiny_weights:
             gr.HTML(f'<div id="tiny-banner" style="{_BANNER_CSS}">{TINY_BANNER}</div>')
         with gr.Row():
             with gr.Column():
+                # format="png", image_mode=None: the uploaded pixels reach the request unconverted
+                image = gr.Image(type="filepath", format="png", image_mode=None, elem_id="image", visible=i2v,
+                                 label=f"First frame (the video is its {service.i2v_resolution} bucket)")
                 prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=3, elem_id="prompt")
                 negative = gr.Textbox(
                     label="Negative prompt (used when CFG scale > 1; empty: the original's)",
                     elem_id="negative_prompt")
-                with gr.Row():
+                with gr.Row(visible=not i2v):
                     resolution = gr.Dropdown([*_RESOLUTIONS, CUSTOM], label="Resolution (width x height)",
                                              value=_preset_label(_RESOLUTIONS, (d.width, d.height)))
                     width = gr.Number(d.width, label="Width", precision=0, step=16, elem_id="width")
@@ -93,11 +102,12 @@ def build_page(service: Service) -> gr.Blocks:
                           [width, height], queue=False)
         length.change(lambda label: _LENGTHS.get(label, gr.skip()), length, frames, queue=False)
         inputs = [prompt, negative, width, height, frames, steps, seed, embedded, cfg, shift, count, cache,
+                  *([image] if i2v else []),  # I2V only: T2V /generate callers see no change
                   *lora_inputs]  # the LoRA numbers last: /generate callers that leave them out still fit
         outputs = [job_id, status, video, seed_used, sidecar, gallery]
         # The store is the queue: Gradio must not hold jobs back in its own queue.
-        generate.click(_generate_handler(service, list(service.loras)), inputs, outputs, api_name="generate",
-                       concurrency_limit=None)
+        generate.click(_generate_handler(service, list(service.loras), i2v=i2v), inputs, outputs,
+                       api_name="generate", concurrency_limit=None)
         cancel.click(_cancel_handler(service), job_id, status, api_name="cancel", concurrency_limit=None)
         page.load(lambda: gallery_items(service), None, gallery, queue=False)
     return page
@@ -135,6 +145,34 @@ def form_to_request(prompt, negative, width, height, frames, steps, seed, embedd
     return body
 
 
+def image_data_url(path: str | Path) -> str:
+    """An image file as the request's "image": its own bytes for PNG/JPEG/WebP, else re-encoded as PNG."""
+    from PIL import Image
+
+    data = Path(path).read_bytes()
+    with Image.open(io.BytesIO(data)) as opened:
+        kind = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}.get(opened.format)
+        if kind is None:  # e.g. a GIF or BMP: the server takes three formats
+            buffer = io.BytesIO()
+            opened.convert("RGB").save(buffer, format="PNG")
+            data, kind = buffer.getvalue(), "png"
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def page_request(form: tuple | list, lora_names: list[str], *, i2v: bool) -> dict:
+    """The Generate button's inputs (the form's fields, the image on an I2V server, one number per LoRA)
+    as a /v1/videos body."""
+    split = len(form) - len(lora_names)
+    fields, numbers = list(form[:split]), form[split:]
+    image = fields.pop() if i2v else None
+    body = form_to_request(*fields, loras=lora_scales_of(lora_names, numbers))
+    if i2v:
+        del body["size"]  # the image's bucket; without an image the server says one is needed
+        if image:
+            body["image"] = image_data_url(image)
+    return body
+
+
 def gallery_items(service: Service) -> list[tuple[str, str]]:
     items = []
     for job in service.store.list(limit=GALLERY_SIZE, status="completed"):
@@ -145,13 +183,11 @@ def gallery_items(service: Service) -> list[tuple[str, str]]:
     return items
 
 
-def _generate_handler(service: Service, lora_names: list[str]):
+def _generate_handler(service: Service, lora_names: list[str], *, i2v: bool = False):
     def generate(*fields, progress=gr.Progress()):  # noqa: B008 - Gradio's injection idiom
-        split = len(fields) - len(lora_names)  # the form's fields, then one number per LoRA
         try:
-            job = service.submit(form_to_request(*fields[:split],
-                                                 loras=lora_scales_of(lora_names, fields[split:])))
-        except (RequestError, QueueFull) as exc:
+            job = service.submit(page_request(fields, lora_names, i2v=i2v))
+        except (RequestError, QueueFull, OSError) as exc:  # OSError: an unreadable upload
             raise gr.Error(str(exc)) from None
         keep = gr.skip()
         while True:

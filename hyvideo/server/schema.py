@@ -22,6 +22,7 @@ from typing import Any
 
 from hyvideo.config import SamplingConfig, ServerLimits
 from hyvideo.diffusion.cache import CACHE_POLICIES
+from hyvideo.server.images import ImageError, ReferenceImage, check_image
 
 FPS = 24
 MODEL_ID = "hunyuanvideo-t2v-720p"
@@ -56,6 +57,7 @@ class ServerOffer:
 
     limits: ServerLimits
     loras: Mapping[str, float] = field(default_factory=dict)  # preloaded LoRA name -> start-up scale
+    i2v_resolution: str | None = None  # --i2v-resolution of an image-to-video server; None: text-to-video
 
 
 def _cache_policy(value: Any, offer: ServerOffer) -> str:
@@ -122,7 +124,7 @@ SAMPLING_FIELDS = {
     "flow_shift": "flow_shift",
     "n": "num_videos",
 }
-OTHER_FIELDS = ("model",)
+OTHER_FIELDS = ("model", "image")  # image: image-to-video servers only (parse_image)
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,10 @@ class JobRequest:
     embedded_guidance_scale: float
     flow_shift: float
     n: int
-    features: dict[str, Any] = field(default_factory=dict)
+    features: dict[str, Any] = field(default_factory=dict)  # with an image: features["image"], its record
+    # The checked reference image (I2V). Its bytes go to the store beside the job, never into the request
+    # JSON (JobStore.add(image=...)); to_dict leaves them out.
+    image: ReferenceImage | None = field(default=None, compare=False, repr=False)
 
     @property
     def size(self) -> str:
@@ -151,7 +156,9 @@ class JobRequest:
         return f"{self.frames / FPS:.2f}".rstrip("0").rstrip(".")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(dataclasses.replace(self, image=None))
+        del values["image"]
+        return values
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> JobRequest:
@@ -169,11 +176,13 @@ class JobRequest:
 
 
 def parse_request(body: Any, defaults: SamplingConfig, limits: ServerLimits, *,
-                  loras: Mapping[str, float] | None = None) -> JobRequest:
+                  loras: Mapping[str, float] | None = None, i2v_resolution: str | None = None) -> JobRequest:
     """Check a JSON body (a dict) and resolve it against the server's defaults; raise RequestError.
 
     Args:
         loras: the server's preloaded LoRAs (name -> start-up scale), which the "loras" field may name.
+        i2v_resolution: the --i2v-resolution of an image-to-video server (every job then needs "image",
+            and its size is the image's bucket); None for a text-to-video server.
     """
     if not isinstance(body, Mapping):
         raise RequestError(f"the request body must be a JSON object, got {_kind(body)}")
@@ -186,25 +195,68 @@ def parse_request(body: Any, defaults: SamplingConfig, limits: ServerLimits, *,
         raise RequestError(f"model must be {MODEL_ID!r} (the one this server serves), got {_echo(model)}")
     if "seconds" in body and "frames" in body:
         raise RequestError("give seconds or frames, not both")
-    width, height = _size(body.get("size"), defaults, limits)
+    offer = ServerOffer(limits, dict(loras or {}), i2v_resolution)
+    _check_i2v_fields(body, offer)
+    width, height = _size(body.get("size"), defaults, limits) if i2v_resolution is None else (0, 0)
     steps = _int(body, "steps", defaults.infer_steps, 1, limits.max_steps)
     n = _int(body, "n", defaults.num_videos, 1, limits.max_videos)
     seed = _int(body, "seed", defaults.seed, 0, MAX_SEED) if body.get("seed") is not None else defaults.seed
-    offer = ServerOffer(limits, dict(loras or {}))
     if "cache_threshold" in body and body.get("cache") in (None, "none"):
         raise RequestError('cache_threshold needs a step cache in the same request: add "cache": '
                            '"magcache", "teacache" or "fbcache"')
+    frames, prompt = _frames(body, defaults, limits), _prompt(body.get("prompt"), limits)
+    image, features = None, {name: check(body[name], offer) for name, check in FEATURE_FIELDS.items()
+                             if name in body}
+    if i2v_resolution is not None:  # last: the costliest check (decoding the image)
+        if frames == 1:
+            raise RequestError("frames: image-to-video makes videos; ask for 4k+1 > 1 frames (e.g. 65, 129)")
+        image, (height, width) = _reference_image(body["image"], offer)
+        features["image"] = {**image.record(), "bucket": [height, width], "resolution": i2v_resolution}
     return JobRequest(
-        prompt=_prompt(body.get("prompt"), limits),
+        prompt=prompt, image=image,
         negative_prompt=_negative(body.get("negative_prompt"), limits),
-        width=width, height=height, frames=_frames(body, defaults, limits), steps=steps, seed=seed,
+        width=width, height=height, frames=frames, steps=steps, seed=seed,
         guidance_scale=_float(body, "guidance_scale", defaults.cfg_scale, *GUIDANCE_RANGE),
         embedded_guidance_scale=_float(body, "embedded_guidance_scale", defaults.embedded_cfg_scale,
                                        *GUIDANCE_RANGE),
         flow_shift=_float(body, "flow_shift", defaults.flow_shift, *FLOW_SHIFT_RANGE, open_low=True),
-        n=n, features={name: check(body[name], offer) for name, check in FEATURE_FIELDS.items()
-                       if name in body},
+        n=n, features=features,
     )
+
+
+def _check_i2v_fields(body: Mapping[str, Any], offer: ServerOffer) -> None:
+    """The fields that depend on the server's mode: "image" on an I2V server only, and always there."""
+    if offer.i2v_resolution is None:
+        if "image" in body:
+            raise RequestError("image: this server runs text-to-video; an image is only taken by a server "
+                               "started with --i2v-mode")
+        return
+    if "image" not in body or body["image"] in (None, ""):
+        raise RequestError('image is needed: this server runs image-to-video (--i2v-mode); send the first '
+                           'frame as "image": "data:image/png;base64,..."')
+    if body.get("size") is not None:
+        # Refused, not ignored: a client asking for a size must learn it does not get it.
+        raise RequestError(f"size: on this image-to-video server the video size is the "
+                           f"{offer.i2v_resolution} bucket closest to the image's aspect ratio; "
+                           "leave size out")
+    if isinstance(body.get("prompt"), str) and "<image>" in body["prompt"]:
+        raise RequestError("prompt must not contain the text <image> on an image-to-video server (the "
+                           "LLaVA's image token)")
+
+
+def _reference_image(value: Any, offer: ServerOffer) -> tuple[ReferenceImage, tuple[int, int]]:
+    """The checked image and its video bucket (H, W), as the CLI's with_i2v_bucket picks it."""
+    from hyvideo.i2v import bucket_for_image
+
+    # The bucket is not held to --max-side: its area is fixed by --i2v-resolution (a long side of up to
+    # 4x the short one costs no more pixels), as in the CLI.
+    try:
+        image, pixels = check_image(value, offer.limits)
+        return image, bucket_for_image(pixels.height, pixels.width, offer.i2v_resolution)
+    except ImageError as exc:
+        raise RequestError(str(exc)) from None
+    except ValueError as exc:  # no bucket fits (an extreme aspect ratio)
+        raise RequestError(f"image: {exc}") from None
 
 
 def _kind(value: Any) -> str:

@@ -37,11 +37,15 @@ class Service:
     cache_policy: str = "none"  # the server's --cache: the page's default step cache
     # The LoRAs loaded at start-up (--lora), name -> start-up scale in load order: a job may rescale them.
     loras: dict[str, float] = field(default_factory=dict)
+    # --i2v-resolution when the server runs image-to-video (--i2v-mode): every job then carries an image.
+    i2v_resolution: str | None = None
 
     def submit(self, body: Any) -> Job:
         """Validate a request body and queue it (RequestError, QueueFull on refusal)."""
-        request = parse_request(body, self.defaults, self.limits, loras=self.loras)
-        job = self.store.add(request.to_dict(), max_queue=self.limits.max_queue)
+        request = parse_request(body, self.defaults, self.limits, loras=self.loras,
+                                i2v_resolution=self.i2v_resolution)
+        job = self.store.add(request.to_dict(), max_queue=self.limits.max_queue,
+                             image=request.image.data if request.image is not None else None)
         self.wake()
         return job
 
@@ -92,6 +96,9 @@ class Service:
             "limits": {"max_steps": self.limits.max_steps, "max_side": self.limits.max_side,
                        "max_frames": self.limits.max_frames, "max_videos": self.limits.max_videos,
                        "max_queue": self.limits.max_queue, "max_prompt_chars": self.limits.max_prompt_chars,
-                       "max_lora_scale": MAX_LORA_SCALE},
+                       "max_lora_scale": MAX_LORA_SCALE, "max_image_bytes": self.limits.max_image_bytes,
+                       "max_image_side": self.limits.max_image_side},
             "loras": dict(self.loras),  # the names a request's "loras" may use, with their start-up scales
+            # None: text-to-video; else every request needs "image" and the size is its bucket
+            "i2v": {"resolution": self.i2v_resolution} if self.i2v_resolution is not None else None,
         }

@@ -7,6 +7,11 @@ statuses); a failed job says why in `error_code`: `error` (the sampler raised), 
 fault), and re-queueing it could crash every restart. Queued jobs stay queued and run after the restart;
 finished jobs stay listed.
 
+An image-to-video job's reference image (the client's encoded bytes, up to a few MB) is a row of its own
+table, written in the same transaction as the job: a queued job and its image survive a restart together,
+and the `jobs` rows (listed and polled often) stay small. The image is dropped once the job has finished or
+is deleted; the sidecar keeps its sha256.
+
 Every method is one short transaction under one lock, so the HTTP threads and the worker thread can share
 a store. Deleted jobs are kept as tombstones (`deleted = 1`) until the worker has let go of them.
 """
@@ -42,6 +47,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_message TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     deleted INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS images (
+    job_id TEXT PRIMARY KEY,
+    data BLOB NOT NULL
 )
 """
 
@@ -92,7 +101,7 @@ class JobStore:
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a job accepted is a job kept, even on power loss
-            self._db.execute(_SCHEMA)
+            self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
         with self._lock:
@@ -117,10 +126,14 @@ class JobStore:
                 "UPDATE jobs SET status = 'failed', error_code = 'interrupted', finished_at = ?, "
                 "error_message = 'the server stopped while this job was running; submit it again' "
                 "WHERE status = 'in_progress'", (time.time(),))
+            # Images of jobs that will never run again (a crash can skip complete/fail's clean-up).
+            self._db.execute("DELETE FROM images WHERE job_id NOT IN (SELECT id FROM jobs WHERE status = "
+                             "'queued' AND deleted = 0)")
         return ids
 
-    def add(self, request: dict[str, Any], *, max_queue: int) -> Job:
-        """Queue a validated request; raise QueueFull when `max_queue` jobs are already waiting or running."""
+    def add(self, request: dict[str, Any], *, max_queue: int, image: bytes | None = None) -> Job:
+        """Queue a validated request (and its reference image); raise QueueFull when `max_queue` jobs are
+        already waiting or running."""
         job_id = new_job_id()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -133,6 +146,8 @@ class JobStore:
                 self._db.execute("INSERT INTO jobs (id, status, request, created_at, total_steps) "
                                  "VALUES (?, 'queued', ?, ?, ?)",
                                  (job_id, json.dumps(request), time.time(), int(request.get("steps", 0))))
+                if image is not None:
+                    self._db.execute("INSERT INTO images (job_id, data) VALUES (?, ?)", (job_id, image))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -147,6 +162,15 @@ class JobStore:
                                    "RETURNING *", (time.time(),)).fetchone()
         return _job(row) if row is not None else None
 
+    def image(self, job_id: str) -> bytes | None:
+        """The reference image stored with a job (None: it has none, or it was dropped when it finished)."""
+        with self._lock:
+            row = self._db.execute("SELECT data FROM images WHERE job_id = ?", (job_id,)).fetchone()
+        return bytes(row["data"]) if row is not None else None
+
+    def _drop_image(self, job_id: str) -> None:
+        self._run("DELETE FROM images WHERE job_id = ?", (job_id,))
+
     def set_seed(self, job_id: str, seed: int) -> None:
         self._run("UPDATE jobs SET seed = ? WHERE id = ?", (seed, job_id))
 
@@ -156,11 +180,13 @@ class JobStore:
     def complete(self, job_id: str, outputs: list[str]) -> None:
         self._run("UPDATE jobs SET status = 'completed', outputs = ?, finished_at = ?, step = total_steps "
                   "WHERE id = ?", (json.dumps(outputs), time.time(), job_id))
+        self._drop_image(job_id)
 
     def fail(self, job_id: str, code: str, message: str) -> None:
         self._run("UPDATE jobs SET status = 'failed', error_code = ?, error_message = ?, finished_at = ? "
                   "WHERE id = ? AND status IN ('queued', 'in_progress')",
                   (code, message, time.time(), job_id))
+        self._drop_image(job_id)
 
     def request_cancel(self, job_id: str) -> Job | None:
         """Cancel: a queued job fails at once; a running one is flagged and stops at its next step."""
@@ -170,6 +196,8 @@ class JobStore:
                              "WHERE id = ? AND status = 'queued'", (time.time(), job_id))
             self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'in_progress'",
                              (job_id,))
+            self._db.execute("DELETE FROM images WHERE job_id = ? AND job_id IN (SELECT id FROM jobs WHERE "
+                             "status = 'failed')", (job_id,))
         return self.get(job_id)
 
     def cancel_requested(self, job_id: str) -> bool:

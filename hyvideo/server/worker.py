@@ -10,6 +10,10 @@ scale of *every* loaded LoRA (`job_lora_scales`) and puts that map in the `JobSp
 scales before `predict` and restores nothing after, so a job's choice never outlives it (the next job sets
 every scale again) and all ranks run the same weights.
 
+Image-to-video: rank 0 reads the job's reference image (encoded bytes) from the store and puts it in the
+`JobSpec`, so every rank decodes the same bytes into the same `reference_image` (a few MB pickled once per
+job by `broadcast_object_list`, nothing next to sampling).
+
 Under torchrun only rank 0 has a queue. Before each job it broadcasts a `JobSpec` to the other ranks
 (`follow_rank0`), which then run the same `predict` with it; the cancel decision is broadcast at every step
 so that all ranks stop at the same step. While idle, rank 0 broadcasts a heartbeat now and then, so the
@@ -19,6 +23,7 @@ waiting ranks' broadcast never reaches the process group's timeout.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import threading
@@ -30,6 +35,7 @@ from typing import Any
 
 from hyvideo.config import Configs
 from hyvideo.diffusion.cache import CacheConfig
+from hyvideo.server.images import decode_image
 from hyvideo.server.schema import JobRequest
 from hyvideo.server.store import Job, JobStore
 
@@ -52,10 +58,12 @@ class JobSpec:
     request: dict[str, Any] | None = None
     seed: int | None = None
     lora_scales: dict[str, float] | None = None  # every loaded LoRA's scale for this job, in load order
+    image: bytes | None = None  # I2V: the reference image's encoded bytes (a few MB, sent once per job)
 
 
-# Feature fields that are not `predict` arguments: applied to the sampler before it (see run_job).
-SAMPLER_STATE_FEATURES = ("loras",)
+# Feature fields that are not `predict` arguments: applied to the sampler before it (see run_job), or, for
+# "image", the record of the reference image whose bytes travel in JobSpec.image.
+SAMPLER_STATE_FEATURES = ("loras", "image")
 
 
 def feature_kwargs(features: dict[str, Any], configs: Configs) -> dict[str, Any]:
@@ -84,6 +92,27 @@ def job_lora_scales(startup: Mapping[str, float], features: dict[str, Any]) -> d
     if not startup:
         return None
     return {name: float(asked.get(name, scale)) for name, scale in startup.items()}
+
+
+def job_image(store: JobStore, job: Job, i2v: bool) -> bytes | None:
+    """The reference image stored with a job, checked against the server's mode; raise ValueError.
+
+    A job queued before a restart in the other mode (or whose image is gone) fails alone, before any
+    broadcast, instead of reaching `predict` with the wrong inputs.
+    """
+    record = job.request.get("features", {}).get("image")
+    if not i2v:
+        if record is not None:
+            raise ValueError("this job has an image but the server now runs text-to-video (restarted without "
+                             "--i2v-mode); submit it again to an image-to-video server")
+        return None
+    if record is None:
+        raise ValueError("this job has no image but the server now runs image-to-video (--i2v-mode); submit "
+                         "it again with an image")
+    data = store.image(job.id)
+    if data is None or hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise ValueError("this job's image is missing from the queue's database; submit it again")
+    return data
 
 
 def apply_lora_scales(sampler, scales: Mapping[str, float] | None) -> None:
@@ -127,6 +156,8 @@ def run_job(sampler, configs: Configs, spec: JobSpec, *, on_step: Callable[[int,
             raise JobCancelled(f"cancelled at step {index + 1} of {request.steps}")
 
     apply_lora_scales(sampler, spec.lora_scales)
+    # Decoded on every rank from the same bytes, with the request-time checks: the same RGB pixels.
+    reference = decode_image(spec.image) if spec.image is not None else None
     guidance_embed = sampler.transformer.config.guidance_embed
     return sampler.predict(
         request.prompt, height=request.height, width=request.width, video_length=request.frames,
@@ -135,7 +166,8 @@ def run_job(sampler, configs: Configs, spec: JobSpec, *, on_step: Callable[[int,
         flow_reverse=configs.sampling.flow_reverse,
         embedded_guidance_scale=request.embedded_guidance_scale if guidance_embed else None,
         num_videos_per_prompt=request.n, enable_tiling=configs.model.vae_tiling, show_progress=False,
-        callback=step_callback, **feature_kwargs(request.features, configs),
+        callback=step_callback, reference_image=reference, i2v_stability=configs.i2v.stability,
+        **feature_kwargs(request.features, configs),
     )
 
 
@@ -147,8 +179,21 @@ def job_configs(configs: Configs, spec: JobSpec) -> Configs:
         scales = spec.lora_scales.values()
         model = dataclasses.replace(model, loras=tuple(
             dataclasses.replace(lora, scale=scale) for lora, scale in zip(model.loras, scales, strict=True)))
+    # The CLI records its --i2v-image-path here; a job's image has no path (its sha256 is in the sidecar's
+    # "reference_image", see job_facts).
+    i2v = dataclasses.replace(configs.i2v, image_path=None)
     return dataclasses.replace(configs, sampling=request.sampling_config(configs.sampling, seed=spec.seed),
-                               cache=job_cache(configs.cache, request.features), model=model)
+                               cache=job_cache(configs.cache, request.features), model=model, i2v=i2v)
+
+
+def job_facts(spec: JobSpec) -> dict[str, Any]:
+    """What every sidecar of a job records beside the settings: the job id, and the reference image (I2V:
+    sha256, bytes, format, its width x height, the bucket (H, W) it became and the --i2v-resolution)."""
+    facts: dict[str, Any] = {"job_id": spec.job_id}
+    image = spec.request.get("features", {}).get("image")
+    if image is not None:
+        facts["reference_image"] = dict(image)
+    return facts
 
 
 class Worker:
@@ -206,10 +251,11 @@ class Worker:
         self.store.set_seed(job.id, seed)
         try:  # before any broadcast: a job that cannot run fails alone, the other ranks keep waiting
             scales = job_lora_scales(self.loras, job.request.get("features", {}))
+            image = job_image(self.store, job, self.configs.i2v.enabled)
         except ValueError as exc:
             self.store.fail(job.id, "error", str(exc)[:500])
             return
-        spec = JobSpec("run", job.id, job.request, seed, scales)
+        spec = JobSpec("run", job.id, job.request, seed, scales, image)
         logger.info("Job %s: %s (seed %d%s)", job.id, job.request["prompt"][:80], seed,
                     f", LoRA scales {scales}" if scales else "")
         try:
@@ -220,7 +266,7 @@ class Worker:
             if self.store.is_deleted(job.id):
                 raise JobCancelled("deleted while running")
             paths = save_outputs(out, job_configs(self.configs, spec), self.save_dir,
-                                 extra_facts={"job_id": job.id})
+                                 extra_facts=job_facts(spec))
             self.store.complete(job.id, [p.name for p in paths])
             logger.info("Job %s completed: %s", job.id, ", ".join(p.name for p in paths))
         except JobCancelled as exc:
