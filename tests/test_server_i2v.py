@@ -5,7 +5,8 @@ On the tiny I2V tree, in process: a job queued with an image, carried over a res
 the same latents as a direct `sampler.predict(reference_image=...)` with the image's bucket and the same seed
 (bit-identical, CPU float32), and its sidecar records the image. Without models: a text-to-video server
 refuses `image`, an image-to-video server refuses a job without one or with a `size`, and every bad image is
-a 400 with one short line that queues nothing. The page turns its upload into the same request.
+a 400 with one short line that queues nothing. The page turns its upload into the same request. Under
+torchrun (2 gloo ranks, Ulysses 2) a live server's job matches a one-process predict with the image.
 """
 
 from __future__ import annotations
@@ -343,3 +344,44 @@ def test_page_shows_the_image_input_on_i2v_only_and_sends_its_image(i2v_service,
     first = next(_generate_handler(i2v_service, [], i2v=True)(*form, str(upload)))
     (job,) = i2v_service.store.list()
     assert first[0] == job.id and i2v_service.store.image(job.id) == png_bytes()
+
+
+# --------------------------------------------------------------------------------------------------
+# torchrun: every rank must sample with the job's image
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.multigpu
+def test_torchrun_ranks_sample_the_jobs_image(i2v_tree, tmp_path):
+    """Ulysses 2 (gloo, CPU): a rank without the image (or with another) would change the video."""
+    from hyvideo.inference import HunyuanVideoSampler
+    from tests.helpers import rel_err
+    from tests.server_launch import LiveServer
+
+    save = tmp_path / "out"
+    flags = ("--ulysses-degree", "2", "--i2v-mode", "--save-latents", *JOB)
+    server = LiveServer(i2v_tree, save, nproc=2, extra=flags).wait_ready()
+    try:
+        created = server.client.post("/v1/videos", json={"prompt": "a ball rolls", "seed": 5,
+                                                         "image": data_url(png_bytes())}).json()
+        job = server.wait_job(created["id"])
+        assert job["status"] == "completed", server.tail()
+    finally:
+        server.stop()
+    sidecar = json.loads((save / job["files"][0]).with_suffix(".json").read_text())
+    assert sidecar["settings"]["runtime"]["world_size"] == 2
+    served = load_latents(save / sidecar["latents_file"])[0]
+    configs, _ = parse_server_args(["--model-base", str(i2v_tree), "--i2v-mode", *FP32, *JOB])
+    sampler = HunyuanVideoSampler.from_pretrained(configs)  # one process: the reference
+    s, (height, width) = configs.sampling, bucket_for_image(48, 64, RESOLUTION)
+    image = Image.open(io.BytesIO(png_bytes())).convert("RGB")
+    kwargs = dict(height=height, width=width, video_length=s.video_length, seed=5, infer_steps=s.infer_steps,
+                  flow_shift=s.flow_shift, flow_reverse=s.flow_reverse, guidance_scale=s.cfg_scale,
+                  embedded_guidance_scale=s.embedded_cfg_scale
+                  if sampler.transformer.config.guidance_embed else None, enable_tiling=False,
+                  show_progress=False)
+    direct = sampler.predict("a ball rolls", reference_image=image, **kwargs).latents
+    other = sampler.predict("a ball rolls", reference_image=image.transpose(Image.FLIP_LEFT_RIGHT),
+                            **kwargs).latents
+    assert rel_err(other, direct) > 1e-2  # the image matters far more than the tolerance below
+    assert rel_err(served, direct) <= 1e-5
