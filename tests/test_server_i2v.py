@@ -308,6 +308,17 @@ def test_server_flags_take_i2v_mode_without_an_image_path(i2v_tree, tmp_path, ca
     assert "--i2v-image-path is not a server flag" in capsys.readouterr().err
 
 
+def test_without_weights_an_i2v_server_falls_back_to_a_tiny_i2v_tree(tmp_path, monkeypatch):
+    from hyvideo.server.main import TINY_TREE_I2V, choose_weights
+
+    monkeypatch.chdir(tmp_path)  # no ckpts/ here, and the tiny trees are written under .cache/
+    for name in ("MODEL_BASE", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    configs, is_tiny = choose_weights(*parse_server_args(["--i2v-mode"]))
+    assert is_tiny and configs.model.model_base == TINY_TREE_I2V
+    assert configs.model.dit_weight_path.is_file() and "i2v" in str(configs.model.dit_weight_path)
+
+
 # --------------------------------------------------------------------------------------------------
 # The page
 # --------------------------------------------------------------------------------------------------

@@ -23,6 +23,9 @@ from hyvideo.server.store import DB_NAME, JobStore
 logger = logging.getLogger(__name__)
 
 TINY_TREE = Path(".cache/ckpts-tiny")  # the same tree scripts/quickstart.sh writes
+# --i2v-mode: the tiny tree with the I2V DiT and LLaVA too, in a folder of its own (a T2V tree already
+# written under TINY_TREE has its marker, so it could not say whether the I2V part is there).
+TINY_TREE_I2V = Path(".cache/ckpts-tiny-i2v")
 # With the tiny tree and the CLI's default sampling flags, jobs default to this (seconds on a CPU).
 TINY_DEFAULTS = {"height": 128, "width": 128, "video_length": 17, "infer_steps": 10}
 TINY_WAIT_S = 300  # other ranks wait this long for local rank 0 to write the tiny tree
@@ -124,21 +127,22 @@ def choose_weights(configs: Configs, server: ServerConfig) -> tuple[Configs, boo
     model = configs.model
     fallback = not model.dit_weight_path.exists() and model.dit_weight is None and not server.model_base_given
     if fallback:
-        _ensure_tiny_tree(TINY_TREE, configs.runtime.local_rank)
-        configs = dataclasses.replace(configs, model=dataclasses.replace(model, model_base=TINY_TREE))
+        tree = TINY_TREE_I2V if configs.i2v.enabled else TINY_TREE
+        _ensure_tiny_tree(tree, configs.runtime.local_rank, i2v=configs.i2v.enabled)
+        configs = dataclasses.replace(configs, model=dataclasses.replace(model, model_base=tree))
     if not is_tiny_tree(configs.model.model_base):
         return configs, False
     return _tiny_defaults(configs), True
 
 
-def _ensure_tiny_tree(root: Path, local_rank: int) -> None:
+def _ensure_tiny_tree(root: Path, local_rank: int, *, i2v: bool = False) -> None:
     from hyvideo.testing.tiny import MARKER_FILE, write_tiny_checkpoints
 
     if (root / MARKER_FILE).is_file():
         return
     if local_rank == 0:
         logger.warning("No weights under --model-base: writing the tiny random-weight tree to %s", root)
-        write_tiny_checkpoints(root)  # the marker file is written last
+        write_tiny_checkpoints(root, i2v=i2v)  # the marker file is written last
         return
     deadline = time.monotonic() + TINY_WAIT_S
     while not (root / MARKER_FILE).is_file():
