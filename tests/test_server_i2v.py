@@ -6,7 +6,8 @@ the same latents as a direct `sampler.predict(reference_image=...)` with the ima
 (bit-identical, CPU float32), and its sidecar records the image. Without models: a text-to-video server
 refuses `image`, an image-to-video server refuses a job without one or with a `size`, and every bad image is
 a 400 with one short line that queues nothing. The page turns its upload into the same request. Under
-torchrun (2 gloo ranks, Ulysses 2) a live server's job matches a one-process predict with the image.
+torchrun (2 gloo ranks, Ulysses 2) a live server's job matches a one-process predict with the image; in a
+real browser the page uploads the first frame and the job records exactly that file.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from hyvideo.testing.tiny import write_tiny_checkpoints
 from hyvideo.utils.file_utils import load_latents
 from tests.server_launch import FP32
 from tests.test_server_api import DEFAULTS
+from tests.test_server_browser import browser  # noqa: F401 - the headless Chromium fixture
 
 RESOLUTION = "360p"
 JOB = ["--video-length", "5", "--infer-steps", "2", "--i2v-resolution", RESOLUTION, "--no-vae-tiling"]
@@ -396,3 +398,34 @@ def test_torchrun_ranks_sample_the_jobs_image(i2v_tree, tmp_path):
                             **kwargs).latents
     assert rel_err(other, direct) > 1e-2  # the image matters far more than the tolerance below
     assert rel_err(served, direct) <= 1e-5
+
+
+@pytest.mark.browser
+def test_browser_page_uploads_the_first_frame(browser, i2v_tree, tmp_path):  # noqa: F811
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.server_launch import LiveServer
+
+    save, upload = tmp_path / "out", tmp_path / "first.png"
+    upload.write_bytes(png_bytes())
+    server = LiveServer(i2v_tree, save, extra=("--i2v-mode", *JOB)).wait_ready()
+    wait = WebDriverWait(browser, 120)
+    try:
+        browser.get(server.url + "/")
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#image input[type=file]")))
+        hidden = browser.find_elements(By.CSS_SELECTOR, "#width input")  # the bucket decides: not shown
+        assert not any(e.is_displayed() for e in hidden)
+        browser.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(str(upload))
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#image img")))
+        browser.find_element(By.ID, "generate").click()
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#result video[src]")))
+        (job,) = server.client.get("/v1/videos").json()["data"]
+    finally:
+        server.stop()
+    record = job["request"]["features"]["image"]
+    assert (record["width"], record["height"]) == (64, 48) and job["status"] == "completed"
+    assert record["sha256"] == hashlib.sha256(png_bytes()).hexdigest()  # the uploaded file, unconverted
+    height, width = bucket_for_image(48, 64, RESOLUTION)
+    assert job["size"] == f"{width}x{height}"

@@ -51,7 +51,8 @@ def build_page(service: Service) -> gr.Blocks:
             gr.HTML(f'<div id="tiny-banner" style="{_BANNER_CSS}">{TINY_BANNER}</div>')
         with gr.Row():
             with gr.Column():
-                # format="png", image_mode=None: the uploaded pixels reach the request unconverted
+                # An upload reaches the request as the file sent; format="png" (lossless) and no mode
+                # conversion for what Gradio saves itself (webcam, clipboard)
                 image = gr.Image(type="filepath", format="png", image_mode=None, elem_id="image", visible=i2v,
                                  label=f"First frame (the video is its {service.i2v_resolution} bucket)")
                 prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=3, elem_id="prompt")
