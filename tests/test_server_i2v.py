@@ -297,6 +297,10 @@ def test_animated_and_odd_modes_decode_as_the_cli_loader_does(tmp_path):
         ours, cli = decode_image(data), load_reference_image(path)
         assert ours.mode == "RGB" and np.array_equal(np.asarray(ours), np.asarray(cli))
     assert decode_image(buffer.getvalue()).getpixel((5, 5)) == (255, 0, 0)  # the first frame
+    # The worker decodes without the side limit: a job keeps what it was accepted with, across restarts.
+    assert decode_image(png_bytes(1200, 16)).size == (1200, 16)
+    with pytest.raises(ValueError, match="at most 1000 pixels"):
+        decode_image(png_bytes(1200, 16), SMALL)
 
 
 def test_server_flags_take_i2v_mode_without_an_image_path(i2v_tree, tmp_path, capsys):

@@ -73,7 +73,7 @@ def parse_data_url(value: Any, limits: ServerLimits) -> bytes:
 
 
 def decode_image(data: bytes, limits: ServerLimits | None = None):
-    """Encoded bytes -> an RGB PIL image, with the CLI loader's checks; raise ImageError."""
+    """Encoded bytes -> an RGB PIL image, checked as the CLI loader does (and by `limits`' side)."""
     return _decode(data, limits)[0]
 
 
@@ -85,11 +85,13 @@ def _decode(data: bytes, limits: ServerLimits | None) -> tuple[Any, str]:
     """
     from PIL import Image, UnidentifiedImageError
 
-    max_side = (limits or ServerLimits()).max_image_side
+    # No limits: the worker decoding an image that was checked when it was queued (the server may have been
+    # restarted with a smaller --max-image-side since; the job keeps what it was accepted with).
+    max_side = limits.max_image_side if limits is not None else None
     try:
         with Image.open(io.BytesIO(data), formats=sorted(set(MEDIA_TYPES.values()))) as opened:
             width, height = opened.size  # from the header: a huge image is refused before it is decoded
-            if max(width, height) > max_side:
+            if max_side is not None and max(width, height) > max_side:
                 raise ImageError(f"image is {width}x{height}; each side may have at most {max_side} pixels "
                                  "(the video's bucket is far smaller): downscale it")
             opened.load()
