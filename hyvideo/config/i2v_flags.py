@@ -40,8 +40,11 @@ def _add_i2v_args(parser: argparse.ArgumentParser) -> None:
                        help="I2V repository spelling of --lora PATH --lora-ignore-alpha (with --use-lora).")
 
 
-def i2v_flag_errors(args: argparse.Namespace) -> list[str]:
-    """Problems with the --i2v-* flags (the image itself is checked when it is loaded)."""
+def i2v_flag_errors(args: argparse.Namespace, *, image_flag_required: bool = True) -> list[str]:
+    """Problems with the --i2v-* flags (the image itself is checked when it is loaded).
+
+    `image_flag_required=False` (the server): --i2v-mode without --i2v-image-path is fine.
+    """
     errors = []
     given = [f for f in ("i2v_image_path", "i2v_dit_weight") if getattr(args, f) is not None]
     if not args.i2v_mode:
@@ -49,7 +52,8 @@ def i2v_flag_errors(args: argparse.Namespace) -> list[str]:
         if given:
             errors.append(f"--{given[0].replace('_', '-')} needs --i2v-mode")
     elif args.i2v_image_path is None:
-        errors.append("--i2v-mode needs --i2v-image-path IMAGE (the first frame to animate)")
+        if image_flag_required:
+            errors.append("--i2v-mode needs --i2v-image-path IMAGE (the first frame to animate)")
     elif not Path(args.i2v_image_path).is_file():
         errors.append(f"--i2v-image-path {args.i2v_image_path}: no such file")
     if args.use_lora != (args.lora_path is not None):

@@ -48,8 +48,6 @@ class ServerConfig:
 
 
 LIMIT_NAMES = tuple(f.name for f in dataclasses.fields(ServerLimits))
-# The CLI's --i2v-mode animates one --i2v-image-path; the server takes an image per request instead.
-_CLI_ONLY_I2V_ERROR = "--i2v-mode needs --i2v-image-path"
 
 
 def _add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -97,7 +95,8 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[Configs, ServerCon
     """Parse gradio_server.py's command line; bad values exit with status 2 and a one-line message."""
     parser = build_server_parser()
     args = parser.parse_args(argv)
-    errors = [e for e in validation_errors(args) if not e.startswith(_CLI_ONLY_I2V_ERROR)]
+    # The CLI's --i2v-mode animates one --i2v-image-path; the server takes an image per request instead.
+    errors = validation_errors(args, image_flag_required=False)
     errors += server_validation_errors(args)
     port = args.server_port
     if port is None:

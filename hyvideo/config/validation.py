@@ -16,8 +16,11 @@ from hyvideo.constants import VAE_LATENT_CHANNELS
 from hyvideo.modules.attention import attention_backend_problem
 
 
-def validation_errors(args: argparse.Namespace) -> list[str]:
-    """Every problem with the parsed flags, as one-line messages naming the flag."""
+def validation_errors(args: argparse.Namespace, *, image_flag_required: bool = True) -> list[str]:
+    """Every problem with the parsed flags, as one-line messages naming the flag.
+
+    `image_flag_required=False`: the server, whose --i2v-mode takes the image per request.
+    """
     errors = []
     size = args.video_size
     if len(size) not in (1, 2):
@@ -45,7 +48,7 @@ def validation_errors(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None and not args.prompt.strip():
         errors.append("--prompt is empty")
     errors += rewrite_validation_errors(args)
-    errors += lora_specs(args)[1] + i2v_flag_errors(args)
+    errors += lora_specs(args)[1] + i2v_flag_errors(args, image_flag_required=image_flag_required)
     if args.fp8_gemm and not args.use_fp8:
         errors.append("--fp8-gemm multiplies the fp8 weights directly: add --use-fp8")
     # Not for --plan-memory / --decode-latents: they run no attention (a plan may be made on a laptop).
