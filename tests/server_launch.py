@@ -20,6 +20,17 @@ FP32 = ["--precision", "fp32", "--vae-precision", "fp32", "--text-encoder-precis
         "--text-encoder-precision-2", "fp32"]
 
 
+def wait_done(store, job_id: str, timeout_s: float = 300):
+    """Poll a JobStore (in-process server tests) until the job completed or failed; its final record."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = store.get(job_id)
+        if job.status in ("completed", "failed"):
+            return job
+        time.sleep(0.1)
+    raise TimeoutError(f"job {job_id} still {job.status}")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

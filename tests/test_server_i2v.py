@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from hyvideo.server.store import DB_NAME, JobStore
 from hyvideo.server.worker import JobSpec, Worker, job_image, share_spec
 from hyvideo.testing.tiny import write_tiny_checkpoints
 from hyvideo.utils.file_utils import load_latents
-from tests.server_launch import FP32
+from tests.server_launch import FP32, wait_done
 from tests.test_server_api import DEFAULTS
 from tests.test_server_browser import browser  # noqa: F401 - the headless Chromium fixture
 
@@ -53,15 +52,6 @@ def png_bytes(width: int = 64, height: int = 48, mode: str = "RGB", fmt: str = "
 def data_url(data: bytes, media_type: str = "image/png") -> str:
     return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
 
-
-def wait_done(store: JobStore, job_id: str, timeout_s: float = 300):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = store.get(job_id)
-        if job.status in ("completed", "failed"):
-            return job
-        time.sleep(0.1)
-    raise TimeoutError(f"job {job_id} still {job.status}")
 
 
 # --------------------------------------------------------------------------------------------------

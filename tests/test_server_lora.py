@@ -10,7 +10,6 @@ rank must apply the job's scales) run against live servers.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ from hyvideo.testing.loras import random_diffusers_lora, to_kohya_layout, to_ori
 from hyvideo.testing.tiny import TINY_DIT, write_tiny_checkpoints
 from hyvideo.utils.file_utils import load_latents
 from tests.helpers import rel_err
-from tests.server_launch import FP32, SMALL_JOB, LiveServer
+from tests.server_launch import FP32, SMALL_JOB, LiveServer, wait_done
 from tests.test_server_api import DEFAULTS
 from tests.test_server_browser import _set, browser  # noqa: F401 - the headless Chromium fixture
 
@@ -70,15 +69,6 @@ def predict_latents(sampler, configs, seed: int) -> torch.Tensor:
                            flow_shift=s.flow_shift, flow_reverse=s.flow_reverse,
                            embedded_guidance_scale=s.embedded_cfg_scale, show_progress=False).latents
 
-
-def wait_done(store: JobStore, job_id: str, timeout_s: float = 120):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = store.get(job_id)
-        if job.status in ("completed", "failed"):
-            return job
-        time.sleep(0.1)
-    raise TimeoutError(f"job {job_id} still {job.status}")
 
 
 def job_output(save: Path, job) -> tuple[torch.Tensor, dict]:
