@@ -2,7 +2,7 @@
 
 Everything the DiT does outside attention is per token (LayerNorm, modulation, the linears, the activation,
 RoPE, the gated residuals), so it can run on a slice of the tokens at a time with the same maths. The blocks
-(hyvideo/modules/models.py) then keep only a few full-size tensors alive (the block input, q/k/v, the
+(hyvideo/modules/blocks.py) then keep only a few full-size tensors alive (the block input, q/k/v, the
 attention output, the block output) instead of the ~22 hidden states of the unchunked single-stream block.
 
 Chunk setting (`--dit-chunk-tokens`): None = automatic (`AUTO_CHUNK_TOKENS`, evened out over the sequence),
