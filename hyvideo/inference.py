@@ -515,13 +515,11 @@ class HunyuanVideoSampler(Inference):
                     target_w, video_length, infer_steps, seeds)
         started = time.perf_counter()
         i2v = {}
-        after_encode = self.release_text_encoders if release_text_encoders else None
         if reference_image is not None:
             i2v = self._i2v_inputs(prompt.strip(), negative, reference_image, (target_h, target_w),
                                    i2v_stability, cfg=guidance_scale > 1.0)
-            if after_encode is not None:
-                after_encode()
-                after_encode = None
+            if release_text_encoders:  # the I2V prompts are encoded above; the pipeline encodes none
+                self.release_text_encoders()
         elif self.transformer.config.image_condition_type is not None:
             raise ValueError("this is an image-to-video DiT: pass a reference image (--i2v-image-path)")
         out = self.pipeline(
@@ -532,7 +530,8 @@ class HunyuanVideoSampler(Inference):
             generator=generators, data_type="video" if video_length > 1 else "image",
             output_type=output_type, enable_tiling=enable_tiling,
             show_progress=show_progress and self.is_main_process, cache=cache,
-            callback_on_step_end=callback, after_encode=after_encode,
+            callback_on_step_end=callback,
+            after_encode=self.release_text_encoders if release_text_encoders and not i2v else None,
         )
         elapsed = time.perf_counter() - started
         if reference_image is not None and out.videos is not None:

@@ -28,8 +28,6 @@ Output: the command line, environment, and Markdown tables (paste into docs/benc
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import random
@@ -68,6 +66,7 @@ from torch import nn  # noqa: E402
 
 from hyvideo.constants import PRECISION_TO_TYPE  # noqa: E402
 from hyvideo.diffusion.schedulers.scheduling_flow_match_discrete import euler_step, flow_sigmas  # noqa: E402
+from hyvideo.lowmem.release import trim_host_heap  # noqa: E402
 from hyvideo.modules import resolve_attention_backend  # noqa: E402
 from hyvideo.modules.fp8_optimization import (  # noqa: E402
     FP8_DTYPE,
@@ -129,14 +128,6 @@ def fill_parameters_(model: nn.Module, fill: RandomFill, std: float) -> None:
             else:
                 fill.fill_(data, std)
             module._parameters[name] = nn.Parameter(data, requires_grad=False)
-
-
-def release_freed_memory() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed arenas mapped otherwise
-    except (OSError, AttributeError):
-        pass
 
 
 # ---- Models and one unit of work per component -------------------------------------------------
@@ -390,7 +381,7 @@ def run_child(spec: dict) -> dict:
     cache: dict = {}
     models = {impl: build_component(spec, impl, device, cache) for impl in spec["impls"]}
     cache.clear()
-    release_freed_memory()
+    trim_host_heap()
     for impl, (model, _) in models.items():
         result["impls"][impl]["params"] = sum(p.numel() for p in model.parameters())
     outputs, warmup = {}, spec["warmup"]

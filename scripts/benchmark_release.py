@@ -18,14 +18,11 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+from benchmark_fp8_load import proc_status  # noqa: E402  (VmRSS / VmHWM in bytes)
 
 GiB = 2**30
-
-
-def rss_bytes() -> int:
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
-    return int(line.split()[1]) * 1024
 
 
 def write_tree(root: Path, layers: int) -> None:
@@ -53,10 +50,10 @@ def child(root: str, offload_mode: str, release: bool) -> None:
                           "--prompt", "x", "--offload-mode", offload_mode])
     sampler = HunyuanVideoSampler.from_pretrained(configs)
     encoders = weight_bytes([sampler.text_encoder, sampler.text_encoder_2])
-    loaded = rss_bytes()
+    loaded = proc_status()["VmRSS"]
     sampler.predict("a red ball", height=32, width=32, video_length=1, seed=5, infer_steps=2,
                     show_progress=False, release_text_encoders=release)
-    print(json.dumps({"encoders": encoders, "rss_loaded": loaded, "rss_after": rss_bytes()}))
+    print(json.dumps({"encoders": encoders, "rss_loaded": loaded, "rss_after": proc_status()["VmRSS"]}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,14 +34,19 @@ def weight_bytes(modules: Iterable[nn.Module | None]) -> int:
     return sum(seen.values())
 
 
-def return_freed_memory(device: torch.device | str) -> None:
-    """Collect garbage, then hand freed memory back: glibc's heap, the pinned-host cache, the device cache."""
+def trim_host_heap() -> None:
+    """Collect garbage and hand glibc's freed heap back to the system (Linux; a no-op elsewhere)."""
     gc.collect()  # modules hold reference cycles (hooks, parents): they die here, not at `del`
     if sys.platform == "linux":
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed arenas mapped otherwise
         except (OSError, AttributeError):
             pass
+
+
+def return_freed_memory(device: torch.device | str) -> None:
+    """Collect garbage, then hand freed memory back: glibc's heap, the pinned-host cache, the device cache."""
+    trim_host_heap()
     empty_host_cache = getattr(torch.accelerator, "empty_host_cache", None)  # torch >= 2.12
     if empty_host_cache is not None and torch.accelerator.is_available():
         empty_host_cache()  # block offload's page-locked copies are cached by torch when freed

@@ -1,8 +1,8 @@
 """Memory-mapping a `torch.save` checkpoint that is larger than RAM + swap.
 
-`torch.load(path, mmap=True)` maps the whole file private and writable. Linux's default overcommit heuristic
-(vm.overcommit_memory = 0) refuses any single such mapping larger than RAM + swap with ENOMEM, so the 25.6 GB
-bf16 DiT cannot be memory-mapped on a 24 GiB host, although reading it layer by layer (quantise at load)
+`torch.load(path, weights_only=True, mmap=True)` maps the whole file private and writable. Linux's default
+overcommit heuristic (vm.overcommit_memory = 0) refuses any single such mapping larger than RAM + swap with
+ENOMEM, so the 25.6 GB bf16 DiT cannot be memory-mapped on a 24 GiB host, although reading it layer by layer (quantise at load)
 needs far less. Mapping the file with MAP_NORESERVE skips that reservation: pages stay file-backed (the
 kernel drops and re-reads them as it likes) until written, and a write copies the page privately, so the
 file itself is never modified.
@@ -21,7 +21,7 @@ _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Python < 3.13 lacks t
 
 
 def is_mmap_refused(err: BaseException) -> bool:
-    """Whether `torch.load(..., mmap=True)` failed because the kernel refused the mapping (ENOMEM)."""
+    """Whether `torch.load(..., weights_only=True, mmap=True)` failed: the kernel refused the mapping."""
     message = str(err)
     return "unable to mmap" in message or "Cannot allocate memory" in message
 
